@@ -1,0 +1,9 @@
+"""loopax: differentiable while loops for JAX."""
+
+import importlib.metadata
+
+from ._buffer import Buffer as Buffer, buffer_at_set as buffer_at_set
+from ._while_loop import while_loop as while_loop
+
+
+__version__ = importlib.metadata.version("loopax")

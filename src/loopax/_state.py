@@ -1,0 +1,201 @@
+"""The loop-state rewrite that every backend runs.
+
+A user loop `(cond_fun, body_fun, init_val)` becomes a loop over
+`LoopState(step, keep_going, value)`:
+
+- `step` counts body calls, so backends can enforce `max_steps` and checkpoint
+  schedules can be keyed on it. It is never batched.
+- `keep_going` is `cond_fun(value)` (and the `max_steps` bound), evaluated once per
+  step right after the body. Under `vmap` it may be batched; `Loop.cond` reduces it to
+  one unbatched flag, so backends never see a batched predicate and the whole batch
+  shares one step counter and one checkpoint schedule. Finished batch elements are
+  frozen by `Loop.body`.
+- `value` is the user's carry with every `Buffer` unwrapped to its array; `Loop.body`
+  wraps the buffer leaves around `body_fun` and unwraps them after, and checks that
+  `body_fun` returned the structure, shapes and dtypes it was given.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, Int, PyTree
+
+from ._buffer import Buffer
+from ._unvmap import active_mask, unvmap_any
+
+
+class LoopState(NamedTuple):
+    step: Int[Array, ""]
+    keep_going: Bool[Array, ""]
+    value: PyTree[Array]
+
+
+def _is_buffer(x: Any) -> bool:
+    return isinstance(x, Buffer)
+
+
+class _LeafMarker:
+    """Stands in for carry leaf `index` when we ask `buffers(...)` which leaves it selects."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"<carry leaf {self.index}>"
+
+
+def _select_buffer_leaves(buffers: Callable[[Any], Any], treedef, num_leaves: int) -> set[int]:
+    markers = jtu.tree_unflatten(treedef, [_LeafMarker(i) for i in range(num_leaves)])
+    try:
+        selected = buffers(markers)
+    except Exception as e:
+        raise TypeError(
+            "`buffers` must be a function that takes the carry and returns some of its "
+            "arrays (a node, or a sequence of nodes, of the carry); calling it failed "
+            f"with: {e!r}"
+        ) from e
+    indices = set()
+    for leaf in jtu.tree_leaves(selected, is_leaf=lambda x: isinstance(x, _LeafMarker)):
+        if not isinstance(leaf, _LeafMarker):
+            raise ValueError(
+                "`buffers` must return arrays of the carry (a node, or a sequence of "
+                f"nodes, of the carry it is given), but it returned {leaf!r}, which is not "
+                "part of the carry. Return the carry's own arrays, e.g. "
+                "`buffers=lambda carry: carry[1]`."
+            )
+        indices.add(leaf.index)
+    return indices
+
+
+class Loop:
+    """A user loop rewritten over `LoopState`; see the module docstring.
+
+    **Arguments:**
+
+    - `cond_fun`, `body_fun`: as `jax.lax.while_loop`.
+    - `init_val`: the (already `jnp.asarray`-normalised) initial carry.
+    - `max_steps`: the maximum number of body calls, or `None` for no bound.
+    - `buffers`: as `loopax.while_loop`, or `None`.
+    """
+
+    def __init__(
+        self,
+        cond_fun: Callable,
+        body_fun: Callable,
+        init_val: PyTree[Any],
+        max_steps: int | None,
+        buffers: Callable[[Any], Any] | None,
+    ):
+        leaves, self._treedef = jtu.tree_flatten(init_val, is_leaf=_is_buffer)
+        selected = set() if buffers is None else _select_buffer_leaves(buffers, self._treedef, len(leaves))
+        self._was_buffer = tuple(_is_buffer(x) for x in leaves)
+        # `is_buffer[i]`: carry leaf i is a write-once buffer of *this* loop: the body sees
+        # it as a `Buffer` and backends may keep it out of checkpoints. Buffers of an outer
+        # loop that are not buffers here are still shown to the body as `Buffer`s.
+        self.is_buffer = tuple(i in selected for i in range(len(leaves)))
+        self._show_as_buffer = tuple(a or b for a, b in zip(self._was_buffer, self.is_buffer))
+        self.init_value = jtu.tree_unflatten(self._treedef, [_unwrap(x) for x in leaves])
+        self.cond_fun = cond_fun
+        self.body_fun = body_fun
+        self.max_steps = max_steps
+
+    # -- the carry as the user sees it ------------------------------------------------
+
+    def _as_user_carry(self, value: PyTree[Array], show: Sequence[bool]) -> PyTree[Any]:
+        leaves = self._treedef.flatten_up_to(value)
+        return jtu.tree_unflatten(self._treedef, [Buffer(x) if s else x for x, s in zip(leaves, show)])
+
+    def final_value(self, value: PyTree[Array]) -> PyTree[Any]:
+        """The carry to return to the user: outer loops' `Buffer`s wrapped back up."""
+        return self._as_user_carry(value, self._was_buffer)
+
+    # -- predicate ---------------------------------------------------------------------
+
+    def _call_cond(self, value: PyTree[Array]) -> Bool[Array, ""]:
+        pred = self.cond_fun(self._as_user_carry(value, self._show_as_buffer))
+        if not (jnp.shape(pred) == () and jnp.result_type(pred) == jnp.bool_):
+            raise TypeError(
+                "`cond_fun` must return a boolean scalar, but it returned "
+                f"{_describe(pred)}. Return e.g. `carry[0] < 10` (a `bool[]` array), "
+                "not an array of several booleans or a number."
+            )
+        return jnp.asarray(pred)
+
+    def _keep_going(self, step: Int[Array, ""], value: PyTree[Array]) -> Bool[Array, ""]:
+        pred = self._call_cond(value)
+        if self.max_steps is not None:
+            pred = pred & (step < self.max_steps)
+        return pred
+
+    def init(self) -> LoopState:
+        step = jnp.array(0, dtype=jnp.int32)
+        return LoopState(step, self._keep_going(step, self.init_value), self.init_value)
+
+    def cond(self, state: LoopState) -> Bool[Array, ""]:
+        """Whether any batch element continues: one unbatched flag."""
+        return unvmap_any(state.keep_going)
+
+    # -- body --------------------------------------------------------------------------
+
+    def body(self, state: LoopState) -> LoopState:
+        """One step: `body_fun`, checked, with finished batch elements frozen."""
+        out = self.body_fun(self._as_user_carry(state.value, self._show_as_buffer))
+        out = jtu.tree_map(_unwrap, out, is_leaf=_is_buffer)
+        _check_body_output(state.value, out)
+        mask = active_mask(state.keep_going)
+        new_value = jtu.tree_map(
+            lambda new, old: lax.select(jnp.broadcast_to(mask, jnp.shape(old)), jnp.asarray(new, old.dtype), old),
+            out,
+            state.value,
+        )
+        step = state.step + 1
+        return LoopState(step, self._keep_going(step, new_value), new_value)
+
+
+def _unwrap(x: Any) -> Any:
+    while isinstance(x, Buffer):
+        x = x._array
+    return x
+
+
+def _describe(x: Any) -> str:
+    try:
+        return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
+    except TypeError:
+        return repr(x)
+
+
+def _leaf_lines(tree: PyTree[Any]) -> dict[str, str]:
+    paths = jtu.tree_flatten_with_path(tree)[0]
+    return {jtu.keystr(path) or "<carry>": _describe(leaf) for path, leaf in paths}
+
+
+def _check_body_output(value: PyTree[Array], out: PyTree[Any]) -> None:
+    """Raise a `TypeError` showing both carries line by line if `out` differs from `value`."""
+    want = _leaf_lines(value)
+    got = _leaf_lines(out)
+    same_structure = jtu.tree_structure(value) == jtu.tree_structure(out)
+    if same_structure and want == got:
+        return
+    lines = []
+    for path in dict.fromkeys([*want, *got]):
+        w, g = want.get(path, "(missing)"), got.get(path, "(missing)")
+        marker = "   " if w == g else ">> "
+        lines.append(f"{marker}{path}: input {w}, output {g}")
+    detail = "\n".join(lines)
+    if want == got:  # Same leaves, different containers (e.g. a tuple became a list).
+        detail += f"\n>> input structure:  {jtu.tree_structure(value)}"
+        detail += f"\n>> output structure: {jtu.tree_structure(out)}"
+    raise TypeError(
+        "`body_fun` must return a carry with the same structure, shapes and dtypes as "
+        "the carry it is given (lines marked >> differ):\n"
+        f"{detail}\n"
+        "Cast the outputs to the input dtypes (e.g. `x.astype(old.dtype)`) and keep the "
+        "same pytree structure."
+    )
+

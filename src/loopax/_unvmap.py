@@ -1,0 +1,64 @@
+"""Primitives that see through `jax.vmap`.
+
+A loop under `vmap` may have a *batched* predicate: each batch element wants its own
+trip count. Every loopax backend runs the batch in lock-step instead (one schedule,
+one step counter, one set of checkpoints), so it needs two things a normal JAX
+function cannot express:
+
+- `unvmap_any(pred)`: "does *any* batch element want to continue?" as an unbatched
+  flag, whatever vmaps are wrapped around the call;
+- `active_mask(pred)`: the per-element predicate where it is batched, and the
+  constant `True` where it is not, so that freezing finished elements with
+  `where(active_mask(pred), new, old)` folds away entirely outside `vmap`.
+
+Both are identity-like on unbatched inputs and only differ in their batching rules.
+"""
+
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jaxtyping import Array, ArrayLike, Bool
+
+
+def _bool_primitive(name: str, impl) -> Primitive:
+    primitive = Primitive(name)
+    primitive.def_impl(impl)
+    primitive.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=False))
+
+    def _jvp(primals, tangents):
+        (x,) = primals
+        out = primitive.bind(x)
+        return out, ad.Zero(out.aval.to_tangent_aval())
+
+    ad.primitive_jvps[primitive] = _jvp
+    return primitive
+
+
+unvmap_any_p = _bool_primitive("loopax_unvmap_any", lambda x: x)
+active_mask_p = _bool_primitive("loopax_active_mask", lambda x: jnp.ones_like(x))
+
+
+def _unvmap_any_batch(args, dims):
+    (x,), (dim,) = args, dims
+    return jnp.any(x, axis=dim), None  # None: not mapped
+
+
+def _active_mask_batch(args, dims):
+    (x,), (dim,) = args, dims
+    # Batched: the real per-element predicate. (Unbatched inputs never reach here.)
+    return x, dim
+
+
+batching.primitive_batchers[unvmap_any_p] = _unvmap_any_batch
+batching.primitive_batchers[active_mask_p] = _active_mask_batch
+
+
+def unvmap_any(pred: Bool[ArrayLike, ""]) -> Bool[Array, ""]:
+    """`True` if any element of a (possibly vmapped) boolean is `True`; never batched."""
+    return unvmap_any_p.bind(jnp.asarray(pred, dtype=bool))
+
+
+def active_mask(pred: Bool[ArrayLike, ""]) -> Bool[Array, ""]:
+    """`pred` where it is batched by `vmap`; the constant `True` where it is not."""
+    return active_mask_p.bind(jnp.asarray(pred, dtype=bool))

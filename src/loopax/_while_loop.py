@@ -1,0 +1,140 @@
+"""`loopax.while_loop`: validate, normalise, dispatch on `kind`."""
+
+import operator
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._backends.lax import lax_while_loop
+from ._custom_types import KINDS, Kind
+from ._state import Loop
+
+
+_Carry = TypeVar("_Carry")
+
+
+def _check_int(name: str, value: Any, *, minimum: int, optional: bool, hint: str) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        ok = False
+    else:
+        try:
+            value = operator.index(value)
+            ok = value >= minimum
+        except TypeError:
+            ok = False
+    if not ok:
+        kind = "a non-negative" if minimum == 0 else f"an integer >= {minimum}" if minimum > 1 else "a positive"
+        noun = "" if minimum > 1 else " integer"
+        raise (ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError)(
+            f"`{name}` must be {kind}{noun}{' or None' if optional else ''}, got {value!r}. {hint}"
+        )
+    return value
+
+
+def check_loop_options(
+    *,
+    kind: Any,
+    max_steps: Any,
+    checkpoints: Any,
+    base: Any,
+    buffers: Any,
+) -> int | None:
+    """Validate the options shared by every loopax front end; return `max_steps`."""
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+    max_steps = _check_int(
+        "max_steps", max_steps, minimum=0, optional=True, hint="Pass an int bound on the number of steps, or None."
+    )
+    _check_int(
+        "checkpoints",
+        checkpoints,
+        minimum=1,
+        optional=True,
+        hint="Pass the number of loop states to store for the backward pass, or None for the default.",
+    )
+    _check_int("base", base, minimum=2, optional=False, hint="Pass the length of the innermost scan, e.g. 16.")
+    if buffers is not None and not callable(buffers):
+        raise TypeError(
+            f"`buffers` must be None or a function from the carry to some of its arrays, got {buffers!r}."
+        )
+    if kind == "bounded" and max_steps is None:
+        raise ValueError("kind='bounded' needs `max_steps`: pass an int bound, or use kind='checkpointed'.")
+    return max_steps
+
+
+def _check_callable(name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be callable, got {fn!r}.")
+
+
+def while_loop(
+    cond_fun: Callable[[_Carry], Any],
+    body_fun: Callable[[_Carry], _Carry],
+    init_val: _Carry,
+    *,
+    max_steps: int | None = None,
+    kind: Kind = "checkpointed",
+    checkpoints: int | None = None,
+    buffers: Callable[[_Carry], Any] | None = None,
+    base: int = 16,
+) -> _Carry:
+    """A `jax.lax.while_loop` that you can choose to differentiate in reverse mode.
+
+    Returns exactly what `lax.while_loop(cond_fun, body_fun, init_val)` returns (same
+    structure, shapes, dtypes) for every `kind`; the kinds differ in which
+    transformations they support and what reverse mode costs:
+
+    | kind | jit, vmap | jvp / jacfwd | grad / vjp / jacrev |
+    |---|---|---|---|
+    | `"lax"` | yes | yes | no (a clear error) |
+    | `"checkpointed"` | yes | no | yes: `checkpoints` stored states, near-optimal recomputation |
+    | `"bounded"` | yes | yes | yes: nested `lax.scan`s of length `base` up to `max_steps` |
+
+    Under `vmap` with a batched predicate the batch runs in lock-step until every
+    element is done; finished elements are frozen.
+
+    **Arguments:**
+
+    - `cond_fun`: carry -> boolean scalar; the loop continues while it is True.
+    - `body_fun`: carry -> carry of the same structure, shapes and dtypes.
+    - `init_val`: the initial carry, any pytree of arrays (or array-likes).
+    - `max_steps`: stop after at most this many calls of `body_fun` (silently, as a
+      bound, not an error). Required for `kind="bounded"`.
+    - `kind`: `"lax"`, `"checkpointed"` (default) or `"bounded"`; see above.
+    - `checkpoints`: for `kind="checkpointed"`, how many loop states the backward pass
+      may store, besides the initial value. Ignored by the other kinds.
+    - `buffers`: a function from the carry to the arrays in it (a node, a sequence of
+      nodes, possibly containing `None`) that the body writes at most once per index.
+      Inside `cond_fun`/`body_fun` they appear as [`loopax.Buffer`][]s.
+    - `base`: for `kind="bounded"`, the length of the innermost scan. Ignored otherwise.
+
+    **Returns:**
+
+    The final carry.
+
+    !!! danger
+
+        Buffers must follow the contract in [`loopax.Buffer`][]: each index written
+        at most once, read only after it was written. It is not checked.
+    """
+    _check_callable("cond_fun", cond_fun)
+    _check_callable("body_fun", body_fun)
+    max_steps = check_loop_options(
+        kind=kind, max_steps=max_steps, checkpoints=checkpoints, base=base, buffers=buffers
+    )
+    init_val = jtu.tree_map(jnp.asarray, init_val)
+    loop = Loop(cond_fun, body_fun, init_val, max_steps, buffers)
+    del cond_fun, body_fun, init_val, buffers
+    if kind == "lax":
+        final = lax_while_loop(loop)
+    elif kind == "checkpointed":
+        final = lax_while_loop(loop, reverse_mode_error="kind='checkpointed' is not implemented yet.")
+    elif kind == "bounded":
+        final = lax_while_loop(loop, reverse_mode_error="kind='bounded' is not implemented yet.")
+    else:
+        raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+    return loop.final_value(final.value)
