@@ -2,11 +2,13 @@
 
 import operator
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, SupportsIndex, TypeVar
 
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from ._backends.bounded import bounded_while_loop
+from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
 from ._custom_types import KINDS, Kind
 from ._state import Loop
@@ -15,24 +17,32 @@ from ._state import Loop
 _Carry = TypeVar("_Carry")
 
 
-def _check_int(name: str, value: Any, *, minimum: int, optional: bool, hint: str) -> int | None:
+def _check_int(
+    name: str, value: Any, *, minimum: int, optional: bool, hint: str
+) -> int | None:
+    """Return `value` as an `int` if it is an integer >= `minimum` (or `None` if
+    `optional`); otherwise raise: `TypeError` for a non-integer (bools included),
+    `ValueError` for an integer below `minimum`."""
     if value is None and optional:
         return None
-    if isinstance(value, bool):
-        ok = False
+    if minimum == 0:
+        wanted = "a non-negative integer"
+    elif minimum == 1:
+        wanted = "a positive integer"
     else:
-        try:
-            value = operator.index(value)
-            ok = value >= minimum
-        except TypeError:
-            ok = False
-    if not ok:
-        kind = "a non-negative" if minimum == 0 else f"an integer >= {minimum}" if minimum > 1 else "a positive"
-        noun = "" if minimum > 1 else " integer"
-        raise (ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError)(
-            f"`{name}` must be {kind}{noun}{' or None' if optional else ''}, got {value!r}. {hint}"
-        )
-    return value
+        wanted = f"an integer >= {minimum}"
+    if optional:
+        wanted += " or None"
+    message = f"`{name}` must be {wanted}, got {value!r}. {hint}"
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        raise TypeError(message)
+    try:
+        index = operator.index(value)
+    except TypeError as e:  # e.g. a traced integer: must be static.
+        raise TypeError(message + " It must be a static Python int.") from e
+    if index < minimum:
+        raise ValueError(message)
+    return index
 
 
 def check_loop_options(
@@ -44,31 +54,53 @@ def check_loop_options(
     buffers: Any,
 ) -> int | None:
     """Validate the options shared by every loopax front end; return `max_steps`."""
-    if kind not in KINDS:
-        raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(
+            f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}. "
+            "Use kind='lax' for forward mode only, kind='checkpointed' for reverse "
+            "mode with a fixed memory budget, kind='bounded' for reverse mode up to "
+            "`max_steps`."
+        )
     max_steps = _check_int(
-        "max_steps", max_steps, minimum=0, optional=True, hint="Pass an int bound on the number of steps, or None."
+        "max_steps",
+        max_steps,
+        minimum=0,
+        optional=True,
+        hint="Pass an int bound on the number of body calls, or None for no bound.",
     )
     _check_int(
         "checkpoints",
         checkpoints,
         minimum=1,
         optional=True,
-        hint="Pass the number of loop states to store for the backward pass, or None for the default.",
+        hint="Pass how many loop states the backward pass may store (e.g. 16), "
+        "or None for the default.",
     )
-    _check_int("base", base, minimum=2, optional=False, hint="Pass the length of the innermost scan, e.g. 16.")
+    _check_int(
+        "base",
+        base,
+        minimum=2,
+        optional=False,
+        hint="Pass the length of the innermost scan of kind='bounded', e.g. 16.",
+    )
     if buffers is not None and not callable(buffers):
         raise TypeError(
-            f"`buffers` must be None or a function from the carry to some of its arrays, got {buffers!r}."
+            "`buffers` must be None or a function from the carry to some of its "
+            f"arrays, got {buffers!r}. Pass e.g. `buffers=lambda carry: carry[1]`."
         )
     if kind == "bounded" and max_steps is None:
-        raise ValueError("kind='bounded' needs `max_steps`: pass an int bound, or use kind='checkpointed'.")
+        raise ValueError(
+            "kind='bounded' needs `max_steps`: pass an int bound, or use "
+            "kind='checkpointed'."
+        )
     return max_steps
 
 
 def _check_callable(name: str, fn: Any) -> None:
     if not callable(fn):
-        raise TypeError(f"`{name}` must be callable, got {fn!r}.")
+        raise TypeError(
+            f"`{name}` must be callable (a function of the carry), got {fn!r}."
+        )
 
 
 def while_loop(
@@ -132,9 +164,9 @@ def while_loop(
     if kind == "lax":
         final = lax_while_loop(loop)
     elif kind == "checkpointed":
-        final = lax_while_loop(loop, reverse_mode_error="kind='checkpointed' is not implemented yet.")
+        final = checkpointed_while_loop(loop, checkpoints=checkpoints)
     elif kind == "bounded":
-        final = lax_while_loop(loop, reverse_mode_error="kind='bounded' is not implemented yet.")
+        final = bounded_while_loop(loop, base=base)
     else:
         raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
     return loop.final_value(final.value)

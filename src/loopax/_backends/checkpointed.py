@@ -1,0 +1,268 @@
+"""`kind="checkpointed"`: reverse mode through a loop of unknown length, in bounded memory.
+
+Undifferentiated, this is a plain `lax.while_loop`. Its reverse-mode rule (a
+`jax.custom_vjp`) is:
+
+- **Forward sweep**: the same while loop, plus a checkpoint stack of `checkpoints`
+  slots. After each step the *online* rule (`_schedule/online.py`) says whether to
+  store the new state and into which slot; the store is a `lax.cond`, so steps that do
+  not save do not touch the stack. Buffers are never stored; the final buffers are
+  kept once.
+- **Backward sweep**: one `lax.while_loop` that executes the *reverse* controller
+  (`_schedule/reverse.py`) one action per iteration: either advance the current state
+  with the plain body (storing it into a free slot when the offline revolve rule says
+  so), or run the VJP of one step and restore the next state from a slot. The body is
+  traced once for advancing and once for the VJP, whatever `checkpoints` is.
+
+With `checkpoints >= max_steps` every state is stored (no controller at all) and the
+backward sweep is a plain reversed loop of VJPs.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array
+
+from .._schedule import online_init, online_step, reverse_done, reverse_init, reverse_step
+from .._state import Loop, LoopState
+from .lax import lax_while_loop
+
+
+_NEEDS_CHECKPOINTS = (
+    "Reverse-mode differentiation of `loopax.while_loop(..., kind='checkpointed')` needs "
+    "to know how many loop states it may store: pass `checkpoints=` (e.g. "
+    "`checkpoints=16`) or `max_steps=` (then `checkpoints` defaults to "
+    "ceil(log2(max_steps + 1)))."
+)
+
+
+def default_checkpoints(max_steps: int) -> int:
+    """`checkpoints` when only `max_steps` is given: `max(1, ceil(log2(max_steps + 1)))`.
+
+    Logarithmic memory keeps the repetition number small: with c slots a loop of up to
+    C(c + r, c) steps is reversed with each step recomputed at most r times
+    (Griewank & Walther 2000), and C(c + r, c) >= 2**c - 1 for r >= c.
+    """
+    return max(1, math.ceil(math.log2(max_steps + 1)))
+
+
+def checkpointed_while_loop(loop: Loop, *, checkpoints: int | None) -> LoopState:
+    """Run `loop` as a `lax.while_loop` whose reverse mode uses `checkpoints` slots.
+
+    ??? cite "References"
+
+        ```bibtex
+        @article{griewank2000revolve,
+            author = {Griewank, Andreas and Walther, Andrea},
+            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
+                     Reverse or Adjoint Mode of Computational Differentiation},
+            journal = {ACM Trans. Math. Softw.},
+            volume = {26}, number = {1}, pages = {19--45}, year = {2000},
+        }
+        @article{stumm2010online,
+            author = {Stumm, Philipp and Walther, Andrea},
+            title = {New Algorithms for Optimal Online Checkpointing},
+            journal = {SIAM J. Sci. Comput.},
+            volume = {32}, number = {2}, pages = {836--854}, year = {2010},
+        }
+        @article{wang2009minimal,
+            author = {Wang, Qiqi and Moin, Parviz and Iaccarino, Gianluca},
+            title = {Minimal Repetition Dynamic Checkpointing Algorithm for Unsteady
+                     Adjoint Calculation},
+            journal = {SIAM J. Sci. Comput.},
+            volume = {31}, number = {4}, pages = {2549--2567}, year = {2009},
+        }
+        ```
+    """
+    if checkpoints is None:
+        if loop.max_steps is None:
+            return lax_while_loop(loop, reverse_mode_error=_NEEDS_CHECKPOINTS)
+        checkpoints = default_checkpoints(loop.max_steps)
+    store_all = loop.max_steps is not None and checkpoints >= loop.max_steps
+    if store_all:
+        checkpoints = max(1, loop.max_steps or 0)
+
+    init_state = loop.init()
+    # Closure-convert: arrays the body closes over become explicit inputs, so they get
+    # cotangents like everything else.
+    body = eqx.filter_closure_convert(loop.body, init_state)
+    params, body_static = eqx.partition(body, eqx.is_array)
+    param_leaves, param_def = jtu.tree_flatten(params)
+    state_leaves, state_def = jtu.tree_flatten(init_state)
+    layout = _Layout(param_leaves, state_leaves, (False, False, *loop.is_buffer))
+    run = _make_run(loop, layout, body_static, param_def, state_def, checkpoints, store_all)
+    out = run(*layout.split(param_leaves, state_leaves))
+    return jtu.tree_unflatten(state_def, out)
+
+
+class _Layout:
+    """Which flat leaves are differentiable (inexact), and which state leaves are buffers."""
+
+    def __init__(self, param_leaves: list, state_leaves: list, is_buffer: tuple[bool, ...]):
+        if len(is_buffer) != len(state_leaves):
+            raise AssertionError("loopax internal error: buffer mask misaligned; please report a bug.")
+        self.param_diff = tuple(eqx.is_inexact_array(x) for x in param_leaves)
+        self.state_diff = tuple(eqx.is_inexact_array(x) for x in state_leaves)
+        self.is_buffer = is_buffer
+
+    @staticmethod
+    def _pick(leaves, mask, want):
+        return [x for x, m in zip(leaves, mask) if m == want]
+
+    @staticmethod
+    def _merge(mask, diff, rest):
+        diff, rest = iter(diff), iter(rest)
+        return [next(diff) if m else next(rest) for m in mask]
+
+    def split(self, param_leaves, state_leaves):
+        return (
+            self._pick(param_leaves, self.param_diff, True),
+            self._pick(state_leaves, self.state_diff, True),
+            self._pick(param_leaves, self.param_diff, False),
+            self._pick(state_leaves, self.state_diff, False),
+        )
+
+    def params(self, p_diff, p_rest):
+        return self._merge(self.param_diff, p_diff, p_rest)
+
+    def state(self, s_diff, s_rest):
+        return self._merge(self.state_diff, s_diff, s_rest)
+
+    def state_diff_part(self, state_leaves):
+        return self._pick(state_leaves, self.state_diff, True)
+
+    def stored(self, state_leaves):
+        """The leaves a checkpoint holds: everything but buffers."""
+        return self._pick(state_leaves, self.is_buffer, False)
+
+    def with_stored(self, state_leaves, stored):
+        """`state_leaves` with its non-buffer leaves replaced by `stored`."""
+        return self._merge([not b for b in self.is_buffer], stored, self._pick(state_leaves, self.is_buffer, True))
+
+
+def _write_slot(stack: list[Array], slot, leaves: list[Array]) -> list[Array]:
+    return [s.at[slot].set(x) for s, x in zip(stack, leaves)]
+
+
+def _read_slot(stack: list[Array], slot) -> list[Array]:
+    return [s[slot] for s in stack]
+
+
+def _make_run(loop: Loop, layout: _Layout, body_static, param_def, state_def, checkpoints: int, store_all: bool):
+    def step_fn(p_diff, p_rest):
+        body = eqx.combine(jtu.tree_unflatten(param_def, layout.params(p_diff, p_rest)), body_static)
+
+        def step(state_leaves: list[Array]) -> list[Array]:
+            return jtu.tree_leaves(body(jtu.tree_unflatten(state_def, state_leaves)))
+
+        return step
+
+    def cond(state_leaves) -> Array:
+        return loop.cond(jtu.tree_unflatten(state_def, state_leaves))
+
+    @jax.custom_vjp
+    def run(p_diff, s_diff, p_rest, s_rest):
+        return lax.while_loop(cond, step_fn(p_diff, p_rest), layout.state(s_diff, s_rest))
+
+    def fwd(p_diff, s_diff, p_rest, s_rest):
+        step = step_fn(p_diff, p_rest)
+        state = layout.state(s_diff, s_rest)
+        stack = [jnp.zeros((checkpoints, *jnp.shape(x)), jnp.result_type(x)) for x in layout.stored(state)]
+
+        def forward_step(carry):
+            state, stack, online = carry
+            state = step(state)
+            k = state[0]  # The step counter: `state` is the flat `LoopState(step, ...)`.
+            if store_all:
+                stack = _write_slot(stack, k - 1, layout.stored(state))
+            else:
+                slot, online = online_step(online, k, jnp)
+                stack = lax.cond(
+                    slot >= 0,
+                    lambda: _write_slot(stack, slot, layout.stored(state)),
+                    lambda: stack,
+                )
+            return state, stack, online
+
+        online = online_init(checkpoints, jnp)
+        final, stack, online = lax.while_loop(lambda c: cond(c[0]), forward_step, (state, stack, online))
+        residuals = (p_diff, p_rest, s_diff, s_rest, stack, online.slot_pos, final)
+        return final, residuals
+
+    def bwd(residuals, ct_final):
+        p_diff, p_rest, s_diff, s_rest, stack, slot_pos, final = residuals
+        step = step_fn(p_diff, p_rest)
+        init_stored = layout.stored(layout.state(s_diff, s_rest))
+        num_steps = final[0]
+
+        def vjp(state, ct_state, ct_params):
+            """The VJP of one step at `state`; accumulates the parameters' cotangent."""
+
+            def diff_step(pd, sd):
+                s_rest_here = [x for x, d in zip(state, layout.state_diff) if not d]
+                out = step_fn(pd, p_rest)(layout.state(sd, s_rest_here))
+                return layout.state_diff_part(out), out
+
+            _, step_vjp, out = jax.vjp(diff_step, p_diff, layout.state_diff_part(state), has_aux=True)
+            ct_p, ct_s = step_vjp(ct_state)
+            return out, ct_s, [a + b for a, b in zip(ct_params, ct_p)]
+
+        def restore(state, stack, slot):
+            """`state` with its stored leaves from `slot` of `stack` (-1: the initial state)."""
+            stored = lax.cond(slot < 0, lambda: init_stored, lambda: _read_slot(stack, slot))
+            return layout.with_stored(state, stored)
+
+        ct_state = layout.state_diff_part(ct_final)
+        ct_params = [jnp.zeros_like(x) for x in p_diff]
+
+        if store_all:
+
+            def reverse_store_all(carry):
+                k, state, ct_state, ct_params = carry
+                state = restore(state, stack, k - 1)
+                state, ct_state, ct_params = vjp(state, ct_state, ct_params)
+                return k - 1, state, ct_state, ct_params
+
+            carry = (num_steps - 1, final, ct_state, ct_params)
+            _, _, ct_state, ct_params = lax.while_loop(lambda c: c[0] >= 0, reverse_store_all, carry)
+            return ct_params, ct_state, None, None
+
+        restore_slot, control = reverse_init(slot_pos, num_steps, checkpoints, jnp)
+        state = restore(final, stack, restore_slot)
+
+        def reverse_iteration(carry):
+            state, stack, ct_state, ct_params, control = carry
+            action, control = reverse_step(control, jnp)
+
+            def do_vjp():
+                new_state, new_ct_state, new_ct_params = vjp(state, ct_state, ct_params)
+                # `vjp` returns the step's output; its buffers are the ones to keep
+                # (identical values, but threading them keeps the writes in place).
+                new_state = restore(new_state, stack, action.restore_slot)
+                return new_state, stack, new_ct_state, new_ct_params
+
+            def do_advance():
+                new_state = step(state)
+                new_stack = lax.cond(
+                    action.store_slot >= 0,
+                    lambda: _write_slot(stack, action.store_slot, layout.stored(new_state)),
+                    lambda: stack,
+                )
+                return new_state, new_stack, ct_state, ct_params
+
+            new = lax.cond(action.is_vjp, do_vjp, do_advance)
+            return (*new, control)
+
+        carry = (state, stack, ct_state, ct_params, control)
+        _, _, ct_state, ct_params, _ = lax.while_loop(
+            lambda c: jnp.logical_not(reverse_done(c[-1], jnp)), reverse_iteration, carry
+        )
+        return ct_params, ct_state, None, None
+
+    run.defvjp(fwd, bwd)
+    return run
+

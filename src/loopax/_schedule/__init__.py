@@ -1,0 +1,21 @@
+"""Pure checkpointing policy: the online rule of the forward sweep, the offline
+(revolve) rule of the backward sweep, and `schedule`, which replays both."""
+
+from .offline import (
+    beta as beta,
+    revolve_cost as revolve_cost,
+    revolve_split as revolve_split,
+)
+from .online import (
+    OnlineState as OnlineState,
+    online_init as online_init,
+    online_step as online_step,
+)
+from .replay import Schedule as Schedule, schedule as schedule
+from .reverse import (
+    ReverseAction as ReverseAction,
+    ReverseState as ReverseState,
+    reverse_done as reverse_done,
+    reverse_init as reverse_init,
+    reverse_step as reverse_step,
+)

@@ -1,0 +1,130 @@
+"""`loopax.schedule`: replay the checkpointing schedule of the compiled loop."""
+
+import dataclasses
+
+import numpy as np
+
+from .online import online_init, online_step
+from .reverse import reverse_done, reverse_init, reverse_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The body evaluations a checkpointed loop performs, in order, and what they cost.
+
+    **Attributes:**
+
+    - `num_steps`: the trip count `n` replayed (after clipping to `max_steps`).
+    - `checkpoints`: the number of checkpoint slots.
+    - `actions`: a tuple of `(kind, step, slot)` triples, in execution order. `kind` is
+        one of `"forward"` (compute `x_{step+1}` from `x_step`, both in the forward sweep
+        and when recomputing in the backward sweep; `slot` is -1), `"save"` (store `x_step` into
+        `slot`, right after the `"forward"` that produced it), `"restore"` (load
+        `x_step` from `slot`, or the initial value `x_0` when `slot` is -1) and `"vjp"`
+        (the VJP of step `step`, taken at `x_step`; `slot` is -1).
+    - `num_forward`: body evaluations of the forward sweep, `n`.
+    - `num_recomputed`: body evaluations spent recomputing states in the backward sweep.
+    - `num_vjp`: VJPs of the body, `n`.
+    - `total_evaluations`: `num_forward + num_recomputed + num_vjp`.
+    - `peak_slots_used`: the largest number of slots holding a state at any time.
+    """
+
+    num_steps: int
+    checkpoints: int
+    actions: tuple[tuple[str, int, int], ...]
+    num_forward: int
+    num_recomputed: int
+    num_vjp: int
+    peak_slots_used: int
+
+    @property
+    def total_evaluations(self) -> int:
+        return self.num_forward + self.num_recomputed + self.num_vjp
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    if value < minimum:
+        if minimum == 0:
+            raise ValueError(f"`{name}` must be a non-negative integer, got {value}.")
+        raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+    return int(value)
+
+
+def schedule(
+    num_steps: int, checkpoints: int, *, max_steps: int | None = None
+) -> Schedule:
+    """Replay the checkpointing schedule of a checkpointed loop of `num_steps` steps.
+
+    Runs the very same online (forward sweep) and backward-sweep controllers as the
+    compiled loop, eagerly with NumPy, and records every body evaluation. Use it to see
+    what reverse mode through `loopax.while_loop(..., kind="checkpointed",
+    checkpoints=...)` will cost.
+
+    **Arguments:**
+
+    - `num_steps`: the trip count of the loop, a non-negative int. Clipped to
+        `max_steps`.
+    - `checkpoints`: the number of checkpoint slots (states kept besides the initial
+        value), a positive int.
+    - `max_steps`: the loop's bound on the number of steps, a non-negative int, or
+        `None` (the default) for no bound. When `checkpoints >= max_steps`, every state
+        is stored and nothing is recomputed.
+
+    **Returns:**
+
+    A `loopax.Schedule`.
+    """
+    num_steps = _check_int("num_steps", num_steps, 0)
+    checkpoints = _check_int("checkpoints", checkpoints, 1)
+    if max_steps is not None:
+        max_steps = _check_int("max_steps", max_steps, 0)
+        num_steps = min(num_steps, max_steps)
+    store_all = max_steps is not None and checkpoints >= max_steps
+
+    actions: list[tuple[str, int, int]] = []
+    used = peak = 0
+    # Forward sweep.
+    state = online_init(checkpoints, np)
+    slot_pos = state.slot_pos
+    for k in range(1, num_steps + 1):
+        actions.append(("forward", k - 1, -1))
+        if store_all:
+            slot = k - 1
+            slot_pos = slot_pos.copy()
+            slot_pos[slot] = k
+        else:
+            slot, state = online_step(state, np.int32(k), np)
+            slot, slot_pos = int(slot), state.slot_pos
+        if slot >= 0:
+            actions.append(("save", k, slot))
+            used = int(np.sum(slot_pos >= 0))
+            peak = max(peak, used)
+    # Backward sweep.
+    restore_slot, rstate = reverse_init(slot_pos, np.int32(num_steps), checkpoints, np)
+    num_recomputed = 0
+    if num_steps > 0:
+        actions.append(("restore", int(rstate.cur), int(restore_slot)))
+    while not reverse_done(rstate, np):
+        action, rstate = reverse_step(rstate, np)
+        step = int(action.step)
+        if action.is_vjp:
+            actions.append(("vjp", step, -1))
+            if step > 0:
+                actions.append(("restore", int(rstate.cur), int(action.restore_slot)))
+        else:
+            num_recomputed += 1
+            actions.append(("forward", step, -1))
+            if action.store_slot >= 0:
+                actions.append(("save", step + 1, int(action.store_slot)))
+                peak = max(peak, int(np.sum(rstate.slot_pos >= 0)))
+    return Schedule(
+        num_steps=num_steps,
+        checkpoints=checkpoints,
+        actions=tuple(actions),
+        num_forward=num_steps,
+        num_recomputed=num_recomputed,
+        num_vjp=num_steps,
+        peak_slots_used=peak,
+    )
