@@ -27,7 +27,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array
 
-from .._schedule import online_init, online_step, reverse_done, reverse_init, reverse_step
+from .._schedule import (
+    online_init,
+    online_step,
+    reverse_done,
+    reverse_init,
+    reverse_step,
+)
 from .._state import Loop, LoopState
 from .lax import lax_while_loop
 
@@ -94,7 +100,9 @@ def checkpointed_while_loop(loop: Loop, *, checkpoints: int | None) -> LoopState
     param_leaves, param_def = jtu.tree_flatten(params)
     state_leaves, state_def = jtu.tree_flatten(init_state)
     layout = _Layout(param_leaves, state_leaves, (False, False, *loop.is_buffer))
-    run = _make_run(loop, layout, body_static, param_def, state_def, checkpoints, store_all)
+    run = _make_run(
+        loop, layout, body_static, param_def, state_def, checkpoints, store_all
+    )
     out = run(*layout.split(param_leaves, state_leaves))
     return jtu.tree_unflatten(state_def, out)
 
@@ -102,16 +110,20 @@ def checkpointed_while_loop(loop: Loop, *, checkpoints: int | None) -> LoopState
 class _Layout:
     """Which flat leaves are differentiable (inexact), and which state leaves are buffers."""
 
-    def __init__(self, param_leaves: list, state_leaves: list, is_buffer: tuple[bool, ...]):
+    def __init__(
+        self, param_leaves: list, state_leaves: list, is_buffer: tuple[bool, ...]
+    ):
         if len(is_buffer) != len(state_leaves):
-            raise AssertionError("loopax internal error: buffer mask misaligned; please report a bug.")
+            raise AssertionError(
+                "loopax internal error: buffer mask misaligned; please report a bug."
+            )
         self.param_diff = tuple(eqx.is_inexact_array(x) for x in param_leaves)
         self.state_diff = tuple(eqx.is_inexact_array(x) for x in state_leaves)
         self.is_buffer = is_buffer
 
     @staticmethod
     def _pick(leaves, mask, want):
-        return [x for x, m in zip(leaves, mask) if m == want]
+        return [x for x, m in zip(leaves, mask, strict=True) if m == want]
 
     @staticmethod
     def _merge(mask, diff, rest):
@@ -141,20 +153,34 @@ class _Layout:
 
     def with_stored(self, state_leaves, stored):
         """`state_leaves` with its non-buffer leaves replaced by `stored`."""
-        return self._merge([not b for b in self.is_buffer], stored, self._pick(state_leaves, self.is_buffer, True))
+        return self._merge(
+            [not b for b in self.is_buffer],
+            stored,
+            self._pick(state_leaves, self.is_buffer, True),
+        )
 
 
 def _write_slot(stack: list[Array], slot, leaves: list[Array]) -> list[Array]:
-    return [s.at[slot].set(x) for s, x in zip(stack, leaves)]
+    return [s.at[slot].set(x) for s, x in zip(stack, leaves, strict=True)]
 
 
 def _read_slot(stack: list[Array], slot) -> list[Array]:
     return [s[slot] for s in stack]
 
 
-def _make_run(loop: Loop, layout: _Layout, body_static, param_def, state_def, checkpoints: int, store_all: bool):
+def _make_run(
+    loop: Loop,
+    layout: _Layout,
+    body_static,
+    param_def,
+    state_def,
+    checkpoints: int,
+    store_all: bool,
+):
     def step_fn(p_diff, p_rest):
-        body = eqx.combine(jtu.tree_unflatten(param_def, layout.params(p_diff, p_rest)), body_static)
+        body = eqx.combine(
+            jtu.tree_unflatten(param_def, layout.params(p_diff, p_rest)), body_static
+        )
 
         def step(state_leaves: list[Array]) -> list[Array]:
             return jtu.tree_leaves(body(jtu.tree_unflatten(state_def, state_leaves)))
@@ -164,32 +190,139 @@ def _make_run(loop: Loop, layout: _Layout, body_static, param_def, state_def, ch
     def cond(state_leaves) -> Array:
         return loop.cond(jtu.tree_unflatten(state_def, state_leaves))
 
+    def linearize(p_diff, p_rest, state):
+        """One step and its VJP function (a pytree of residuals) at `state`."""
+        s_rest = [x for x, d in zip(state, layout.state_diff, strict=True) if not d]
+
+        def diff_step(pd, sd):
+            out = step_fn(pd, p_rest)(layout.state(sd, s_rest))
+            return layout.state_diff_part(out), out
+
+        _, step_vjp, out = jax.vjp(
+            diff_step, p_diff, layout.state_diff_part(state), has_aux=True
+        )
+        return out, step_vjp
+
+    def apply_vjp(step_vjp, ct_state, ct_params):
+        ct_p, ct_s = step_vjp(ct_state)
+        return ct_s, [a + b for a, b in zip(ct_params, ct_p, strict=True)]
+
     @jax.custom_vjp
     def run(p_diff, s_diff, p_rest, s_rest):
-        return lax.while_loop(cond, step_fn(p_diff, p_rest), layout.state(s_diff, s_rest))
+        return lax.while_loop(
+            cond, step_fn(p_diff, p_rest), layout.state(s_diff, s_rest)
+        )
+
+    if store_all:
+        _def_store_all_vjp(run, cond, linearize, apply_vjp, layout, checkpoints)
+    else:
+        _def_checkpointed_vjp(
+            run, cond, step_fn, linearize, apply_vjp, layout, checkpoints
+        )
+    return run
+
+
+def _def_store_all_vjp(
+    run, cond, linearize, apply_vjp, layout: _Layout, max_steps: int
+) -> None:
+    """`checkpoints >= max_steps`: like `lax.scan`, store every step's VJP residuals.
+
+    The backward sweep then only runs the linear part of each step's VJP, with no
+    recomputation and no controller. Residuals that are the loop's parameters
+    themselves (e.g. weight matrices) are recognised and not stacked.
+    """
+    found = {}
+
+    def residuals_of(p_diff, p_rest, state):
+        out, step_vjp = linearize(p_diff, p_rest, state)
+        leaves, found["treedef"] = jtu.tree_flatten(step_vjp)
+        params = [*p_diff, *p_rest]
+        # For each residual: the index of the parameter it *is*, or -1 if it varies by step.
+        found["param_index"] = [
+            next((i for i, p in enumerate(params) if leaf is p), -1) for leaf in leaves
+        ]
+        return out, [
+            leaf for leaf, i in zip(leaves, found["param_index"], strict=True) if i < 0
+        ]
+
+    def fwd(p_diff, s_diff, p_rest, s_rest):
+        state = layout.state(s_diff, s_rest)
+        shapes = jax.eval_shape(
+            lambda pd, pr, st: residuals_of(pd, pr, st)[1], p_diff, p_rest, state
+        )
+        stack = [jnp.zeros((max_steps, *x.shape), x.dtype) for x in shapes]
+
+        def forward_step(carry):
+            state, stack = carry
+            k = state[
+                0
+            ]  # The step counter: `state` is the flat `LoopState(step, ...)`.
+            state, residuals = residuals_of(p_diff, p_rest, state)
+            return state, _write_slot(stack, k, residuals)
+
+        final, stack = lax.while_loop(
+            lambda c: cond(c[0]), forward_step, (state, stack)
+        )
+        return final, (p_diff, p_rest, stack, final[0])
+
+    def bwd(residuals, ct_final):
+        p_diff, p_rest, stack, num_steps = residuals
+        params = [*p_diff, *p_rest]
+
+        def reverse_step(carry):
+            k, ct_state, ct_params = carry
+            varying = iter(_read_slot(stack, k))
+            leaves = [
+                params[i] if i >= 0 else next(varying) for i in found["param_index"]
+            ]
+            step_vjp = jtu.tree_unflatten(found["treedef"], leaves)
+            ct_state, ct_params = apply_vjp(step_vjp, ct_state, ct_params)
+            return k - 1, ct_state, ct_params
+
+        carry = (
+            num_steps - 1,
+            layout.state_diff_part(ct_final),
+            [jnp.zeros_like(x) for x in p_diff],
+        )
+        _, ct_state, ct_params = lax.while_loop(
+            lambda c: c[0] >= 0, reverse_step, carry
+        )
+        return ct_params, ct_state, None, None
+
+    run.defvjp(fwd, bwd)
+
+
+def _def_checkpointed_vjp(
+    run, cond, step_fn, linearize, apply_vjp, layout: _Layout, checkpoints: int
+) -> None:
+    """The general case: online checkpoints forward, revolve reversal backward."""
 
     def fwd(p_diff, s_diff, p_rest, s_rest):
         step = step_fn(p_diff, p_rest)
         state = layout.state(s_diff, s_rest)
-        stack = [jnp.zeros((checkpoints, *jnp.shape(x)), jnp.result_type(x)) for x in layout.stored(state)]
+        stack = [
+            jnp.zeros((checkpoints, *jnp.shape(x)), jnp.result_type(x))
+            for x in layout.stored(state)
+        ]
 
         def forward_step(carry):
             state, stack, online = carry
             state = step(state)
-            k = state[0]  # The step counter: `state` is the flat `LoopState(step, ...)`.
-            if store_all:
-                stack = _write_slot(stack, k - 1, layout.stored(state))
-            else:
-                slot, online = online_step(online, k, jnp)
-                stack = lax.cond(
-                    slot >= 0,
-                    lambda: _write_slot(stack, slot, layout.stored(state)),
-                    lambda: stack,
-                )
+            slot, online = online_step(
+                online, state[0], jnp
+            )  # state[0]: the step counter.
+            # Only saving steps touch the stack.
+            stack = lax.cond(
+                slot >= 0,
+                lambda: _write_slot(stack, slot, layout.stored(state)),
+                lambda: stack,
+            )
             return state, stack, online
 
         online = online_init(checkpoints, jnp)
-        final, stack, online = lax.while_loop(lambda c: cond(c[0]), forward_step, (state, stack, online))
+        final, stack, online = lax.while_loop(
+            lambda c: cond(c[0]), forward_step, (state, stack, online)
+        )
         residuals = (p_diff, p_rest, s_diff, s_rest, stack, online.slot_pos, final)
         return final, residuals
 
@@ -197,41 +330,15 @@ def _make_run(loop: Loop, layout: _Layout, body_static, param_def, state_def, ch
         p_diff, p_rest, s_diff, s_rest, stack, slot_pos, final = residuals
         step = step_fn(p_diff, p_rest)
         init_stored = layout.stored(layout.state(s_diff, s_rest))
-        num_steps = final[0]
-
-        def vjp(state, ct_state, ct_params):
-            """The VJP of one step at `state`; accumulates the parameters' cotangent."""
-
-            def diff_step(pd, sd):
-                s_rest_here = [x for x, d in zip(state, layout.state_diff) if not d]
-                out = step_fn(pd, p_rest)(layout.state(sd, s_rest_here))
-                return layout.state_diff_part(out), out
-
-            _, step_vjp, out = jax.vjp(diff_step, p_diff, layout.state_diff_part(state), has_aux=True)
-            ct_p, ct_s = step_vjp(ct_state)
-            return out, ct_s, [a + b for a, b in zip(ct_params, ct_p)]
 
         def restore(state, stack, slot):
             """`state` with its stored leaves from `slot` of `stack` (-1: the initial state)."""
-            stored = lax.cond(slot < 0, lambda: init_stored, lambda: _read_slot(stack, slot))
+            stored = lax.cond(
+                slot < 0, lambda: init_stored, lambda: _read_slot(stack, slot)
+            )
             return layout.with_stored(state, stored)
 
-        ct_state = layout.state_diff_part(ct_final)
-        ct_params = [jnp.zeros_like(x) for x in p_diff]
-
-        if store_all:
-
-            def reverse_store_all(carry):
-                k, state, ct_state, ct_params = carry
-                state = restore(state, stack, k - 1)
-                state, ct_state, ct_params = vjp(state, ct_state, ct_params)
-                return k - 1, state, ct_state, ct_params
-
-            carry = (num_steps - 1, final, ct_state, ct_params)
-            _, _, ct_state, ct_params = lax.while_loop(lambda c: c[0] >= 0, reverse_store_all, carry)
-            return ct_params, ct_state, None, None
-
-        restore_slot, control = reverse_init(slot_pos, num_steps, checkpoints, jnp)
+        restore_slot, control = reverse_init(slot_pos, final[0], checkpoints, jnp)
         state = restore(final, stack, restore_slot)
 
         def reverse_iteration(carry):
@@ -239,9 +346,10 @@ def _make_run(loop: Loop, layout: _Layout, body_static, param_def, state_def, ch
             action, control = reverse_step(control, jnp)
 
             def do_vjp():
-                new_state, new_ct_state, new_ct_params = vjp(state, ct_state, ct_params)
-                # `vjp` returns the step's output; its buffers are the ones to keep
-                # (identical values, but threading them keeps the writes in place).
+                # The step's output carries the buffers on (same values as the final
+                # buffers, but threading them through keeps every write in place).
+                new_state, step_vjp = linearize(p_diff, p_rest, state)
+                new_ct_state, new_ct_params = apply_vjp(step_vjp, ct_state, ct_params)
                 new_state = restore(new_state, stack, action.restore_slot)
                 return new_state, stack, new_ct_state, new_ct_params
 
@@ -249,20 +357,27 @@ def _make_run(loop: Loop, layout: _Layout, body_static, param_def, state_def, ch
                 new_state = step(state)
                 new_stack = lax.cond(
                     action.store_slot >= 0,
-                    lambda: _write_slot(stack, action.store_slot, layout.stored(new_state)),
+                    lambda: _write_slot(
+                        stack, action.store_slot, layout.stored(new_state)
+                    ),
                     lambda: stack,
                 )
                 return new_state, new_stack, ct_state, ct_params
 
-            new = lax.cond(action.is_vjp, do_vjp, do_advance)
-            return (*new, control)
+            return (*lax.cond(action.is_vjp, do_vjp, do_advance), control)
 
-        carry = (state, stack, ct_state, ct_params, control)
+        carry = (
+            state,
+            stack,
+            layout.state_diff_part(ct_final),
+            [jnp.zeros_like(x) for x in p_diff],
+            control,
+        )
         _, _, ct_state, ct_params, _ = lax.while_loop(
-            lambda c: jnp.logical_not(reverse_done(c[-1], jnp)), reverse_iteration, carry
+            lambda c: jnp.logical_not(reverse_done(c[-1], jnp)),
+            reverse_iteration,
+            carry,
         )
         return ct_params, ct_state, None, None
 
     run.defvjp(fwd, bwd)
-    return run
-

@@ -1,0 +1,159 @@
+"""Checkpointed kind vs Equinox's checkpointed loop, `lax.while_loop` and `lax.scan`.
+
+Workload: an RK4 neural ODE (state 64, MLP width 128), fixed step, `num_steps` steps,
+stopping on `t >= t1` (so the trip count is only known at run time).
+
+Questions answered (all as ratios measured side by side in this process):
+- undifferentiated forward time of loopax vs `lax.while_loop` (target <= 1.02);
+- gradient time vs `equinox.internal.while_loop(kind="checkpointed")` at the same
+  `checkpoints` (target <= 0.8);
+- gradient time with `checkpoints >= num_steps` vs a full-storage `lax.scan` (<= 1.15);
+- XLA temp memory of the compiled gradient vs `(c + 3) * carry + 1 MiB`.
+
+Run: `python benchmarks/against_equinox.py [--quick]`.
+"""
+
+import argparse
+
+import equinox.internal as eqxi
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+from _common import compile_and_time, machine, print_table, write_json
+
+import loopax
+
+
+STATE, WIDTH = 64, 128
+
+
+def make_problem(num_steps: int):
+    k1, k2, k3 = jr.split(jr.PRNGKey(0), 3)
+    params = {
+        "w1": jr.normal(k1, (WIDTH, STATE)) / STATE**0.5,
+        "w2": jr.normal(k2, (STATE, WIDTH)) / WIDTH**0.5,
+    }
+    y0 = jr.normal(k3, (STATE,))
+    dt = 1.0 / num_steps
+    t1 = 1.0 - 0.5 * dt  # Stop on t >= t1: exactly num_steps steps.
+
+    def vector_field(p, y):
+        return p["w2"] @ jnp.tanh(p["w1"] @ y)
+
+    def rk4(p, y):
+        k1 = vector_field(p, y)
+        k2 = vector_field(p, y + 0.5 * dt * k1)
+        k3 = vector_field(p, y + 0.5 * dt * k2)
+        k4 = vector_field(p, y + dt * k3)
+        return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    def make_loss(while_loop):
+        def loss(p, y0):
+            def cond(carry):
+                return carry[0] < t1
+
+            def body(carry):
+                t, y = carry
+                return t + dt, rk4(p, y)
+
+            _, y = while_loop(cond, body, (jnp.array(0.0), y0))
+            return jnp.sum(y**2)
+
+        return loss
+
+    def scan_loss(p, y0, checkpoint_each_step=False):
+        step = lambda y, _: (rk4(p, y), None)
+        if checkpoint_each_step:
+            step = jax.checkpoint(step)
+        y = lax.scan(step, y0, None, length=num_steps)[0]
+        return jnp.sum(y**2)
+
+    return params, y0, make_loss, scan_loss
+
+
+def main(quick: bool):
+    num_steps = 1000
+    params, y0, make_loss, scan_loss = make_problem(num_steps)
+    grad = lambda loss: jax.grad(loss, argnums=(0, 1))
+    carry_bytes = 4 * (STATE + 1)
+    rows = []
+
+    def measure(name, fn, **extra):
+        compile_s, run_s, temp = compile_and_time(
+            fn, params, y0, repeats=3 if quick else 7
+        )
+        rows.append(
+            {
+                "variant": name,
+                "compile_s": compile_s,
+                "run_s": run_s,
+                "temp_bytes": temp,
+                **extra,
+            }
+        )
+        return run_s
+
+    lax_fwd = measure(
+        "forward lax.while_loop", make_loss(lambda c, b, x: lax.while_loop(c, b, x))
+    )
+    lx_fwd = measure(
+        "forward loopax c=8",
+        make_loss(lambda c, b, x: loopax.while_loop(c, b, x, checkpoints=8)),
+    )
+    ratios = {"forward loopax / lax.while_loop": lx_fwd / lax_fwd}
+    for c in [8, 32]:
+        ours = measure(
+            f"grad loopax c={c}",
+            grad(
+                make_loss(
+                    lambda cf, b, x, c=c: loopax.while_loop(cf, b, x, checkpoints=c)
+                )
+            ),
+        )
+        theirs = measure(
+            f"grad equinox c={c}",
+            grad(
+                make_loss(
+                    lambda cf, b, x, c=c: eqxi.while_loop(
+                        cf,
+                        b,
+                        x,
+                        kind="checkpointed",
+                        checkpoints=c,
+                        max_steps=4 * num_steps,
+                    )
+                )
+            ),
+        )
+        ratios[f"grad loopax / equinox (c={c})"] = ours / theirs
+    full = measure(
+        f"grad loopax c={num_steps}",
+        grad(
+            make_loss(
+                lambda cf, b, x: loopax.while_loop(
+                    cf, b, x, checkpoints=num_steps, max_steps=num_steps
+                )
+            )
+        ),
+    )
+    scan = measure("grad lax.scan (store all)", grad(scan_loss))
+    measure(
+        "grad lax.scan + checkpoint per step", grad(lambda p, y: scan_loss(p, y, True))
+    )
+    ratios["grad loopax store-all / lax.scan"] = full / scan
+
+    print(
+        f"# against_equinox: RK4 neural ODE, state {STATE}, width {WIDTH}, N={num_steps}; {machine()}"
+    )
+    print(f"# carry bytes: {carry_bytes}")
+    print_table(rows, ["variant", "compile_s", "run_s", "temp_bytes"])
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+    write_json("against_equinox", {"rows": rows, "ratios": ratios})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    main(parser.parse_args().quick)
