@@ -1,21 +1,27 @@
 """Shared test utilities: tolerance comparison and independent reference loops."""
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jaxtyping import Array
 
 
 KINDS = ("lax", "checkpointed", "bounded")
 REVERSE_KINDS = ("checkpointed", "bounded")
+
+# A bound large enough for every trip count used in the tests, for the kinds that need
+# one (`kind="bounded"` requires `max_steps`).
+DEFAULT_BOUND = 64
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6) -> bool:
     """Same structure, shapes and dtypes, and values within tolerance."""
     if jtu.tree_structure(x) != jtu.tree_structure(y):
         return False
-    for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y)):
+    for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y), strict=True):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
@@ -24,6 +30,44 @@ def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6) -> bool:
         if not np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True):
             return False
     return True
+
+
+def assert_tree_allclose(x, y, **kwargs) -> None:
+    """`assert tree_allclose(x, y)` with a readable message when it fails."""
+    assert tree_allclose(x, y, **kwargs), f"trees differ:\n{x}\n!=\n{y}"
+
+
+def loop_kwargs(kind, max_steps=None, **kwargs):
+    """Keyword arguments for `loopax.while_loop(..., kind=kind)`; adds the bound that
+    `kind="bounded"` requires when the test has none."""
+    if max_steps is None and kind == "bounded":
+        max_steps = DEFAULT_BOUND
+    return dict(kind=kind, max_steps=max_steps, **kwargs)
+
+
+def bounded_lax_loop(cond_fun, body_fun, init_val, max_steps=None):
+    """`lax.while_loop` with at most `max_steps` body calls: the reference for
+    `loopax.while_loop(..., max_steps=max_steps)`."""
+    if max_steps is None:
+        return lax.while_loop(cond_fun, body_fun, init_val)
+
+    def cond(carry):
+        step, value = carry
+        return cond_fun(value) & (step < max_steps)
+
+    def body(carry):
+        step, value = carry
+        return step + 1, body_fun(value)
+
+    return lax.while_loop(cond, body, (jnp.array(0, jnp.int32), init_val))[1]
+
+
+def python_loop(cond_fun, body_fun, init_val, max_steps=None):
+    """The loop as plain Python, eagerly: the most independent reference."""
+    value, step = jtu.tree_map(jnp.asarray, init_val), 0
+    while bool(cond_fun(value)) and (max_steps is None or step < max_steps):
+        value, step = body_fun(value), step + 1
+    return value
 
 
 def scan_reference_loop(cond_fun, body_fun, init_val, max_steps):
@@ -36,3 +80,46 @@ def scan_reference_loop(cond_fun, body_fun, init_val, max_steps):
 
     return lax.scan(step, init_val, None, length=max_steps)[0]
 
+
+class Pair(eqx.Module):
+    """An `eqx.Module` node for carries."""
+
+    a: Array
+    b: Array
+
+
+def mixed_carry(num_steps):
+    """A carry with a leaf of every dtype loopax must preserve, and the counter."""
+    return {
+        "i": jnp.array(0, jnp.int32),
+        "n": jnp.array(num_steps, jnp.int32),
+        "half": jnp.arange(3, dtype=jnp.float16),
+        "nested": (
+            jnp.ones((2, 2), jnp.float32),
+            [jnp.array([1 + 2j, -1j], jnp.complex64)],
+        ),
+        "flags": jnp.array([True, False]),
+        "empty": jnp.zeros((0, 3), jnp.float32),
+        "empty_int": jnp.zeros((2, 0), jnp.int32),
+        "scalar": 1.5,
+        "module": Pair(jnp.array(2.0), jnp.arange(2, dtype=jnp.int32)),
+    }
+
+
+def mixed_cond(c):
+    return c["i"] < c["n"]
+
+
+def mixed_body(c):
+    (f32,), (c64,) = c["nested"][:1], c["nested"][1]
+    return {
+        "i": c["i"] + 1,
+        "n": c["n"],
+        "half": c["half"] * jnp.float16(1.5) + jnp.float16(0.25),
+        "nested": (jnp.sin(f32) + 0.5, [c64 * (0.5 + 1j)]),
+        "flags": ~c["flags"],
+        "empty": c["empty"] + 1.0,
+        "empty_int": c["empty_int"] * 2,
+        "scalar": c["scalar"] * 2,
+        "module": Pair(c["module"].a - 1.0, c["module"].b + c["i"]),
+    }

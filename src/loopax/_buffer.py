@@ -35,6 +35,11 @@ class Buffer(eqx.Module):
     """
 
     _array: Array
+    # Where writes may land: `None` (everywhere) or a boolean that is False for batch
+    # elements of an enclosing loop that already finished. Loops set it so that a
+    # finished element's buffer is frozen by masking each write (O(row)) instead of
+    # selecting the whole buffer after every step (O(buffer)).
+    _pred: Bool[Array, ""] | None = None
 
     @property
     def at(self) -> "_BufferIndexer":
@@ -80,8 +85,23 @@ class _BufferRef:
     def get(self, **kwargs: Any) -> Array:
         return self._buffer._array.at[self._item].get(**kwargs)
 
-    def set(self, x: ArrayLike, *, pred: Bool[ArrayLike, ""] = True, **kwargs: Any) -> Buffer:
-        return Buffer(_masked_set(self._buffer._array, self._item, x, pred, **kwargs))
+    def set(
+        self, x: ArrayLike, *, pred: Bool[ArrayLike, ""] = True, **kwargs: Any
+    ) -> Buffer:
+        buffer = self._buffer
+        pred = and_pred(pred, buffer._pred)
+        return Buffer(
+            _masked_set(buffer._array, self._item, x, pred, **kwargs), buffer._pred
+        )
+
+
+def and_pred(a: Bool[ArrayLike, ""] | None, b: Bool[ArrayLike, ""] | None) -> Any:
+    """`a & b`, where `True` and `None` mean "no mask" and fold away."""
+    if a is None or a is True:
+        return True if b is None else b
+    if b is None or b is True:
+        return a
+    return jnp.logical_and(a, b)
 
 
 def _masked_set(array: Array, item, x: ArrayLike, pred, **kwargs: Any) -> Array:
@@ -101,7 +121,7 @@ def buffer_at_set(
     pred: Bool[ArrayLike, ""] = True,
     **kwargs: Any,
 ) -> Array | Buffer:
-    """`buffer.at[item].set(x)` where `pred` is True, for `Buffer`s and plain arrays alike.
+    """`buffer.at[item].set(x)` where `pred` is True, for `Buffer`s and arrays alike.
 
     Lets one body function run both inside a loop (where buffers are `Buffer`s) and
     outside it (where they are arrays).

@@ -23,7 +23,9 @@ from jaxtyping import PyTree
 forward_only_p = Primitive("loopax_forward_only")
 forward_only_p.def_impl(lambda x, *, message: x)
 forward_only_p.def_abstract_eval(lambda x, *, message: x)
-mlir.register_lowering(forward_only_p, mlir.lower_fun(lambda x, *, message: x, multiple_results=False))
+mlir.register_lowering(
+    forward_only_p, mlir.lower_fun(lambda x, *, message: x, multiple_results=False)
+)
 
 
 def _forward_only_jvp(primals, tangents, *, message):
@@ -41,7 +43,9 @@ def _forward_only_batch(args, dims, *, message):
 def _forward_only_partial_eval(trace, tracer, *, message):
     if not tracer.pval.is_known():
         raise ValueError(message)
-    return trace.default_process_primitive(forward_only_p, (tracer,), dict(message=message))
+    return trace.default_process_primitive(
+        forward_only_p, (tracer,), dict(message=message)
+    )
 
 
 ad.primitive_jvps[forward_only_p] = _forward_only_jvp
@@ -50,7 +54,8 @@ pe.custom_partial_eval_rules[forward_only_p] = _forward_only_partial_eval
 
 
 def forward_only(tree: PyTree, message: str) -> PyTree:
-    """Mark the floating-point arrays of `tree`: reverse-mode through them raises `message`."""
+    """Mark the floating-point arrays of `tree`: reverse mode through them raises
+    `message`."""
 
     def mark(x):
         return forward_only_p.bind(x, message=message) if eqx.is_inexact_array(x) else x

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Int, PyTree
 
-from ._buffer import Buffer
+from ._buffer import Buffer, and_pred
 from ._unvmap import active_mask, unvmap_any
 
 
@@ -38,7 +38,7 @@ def _is_buffer(x: Any) -> bool:
 
 
 class _LeafMarker:
-    """Stands in for carry leaf `index` when we ask `buffers(...)` which leaves it selects."""
+    """Stands in for carry leaf `index` when we ask `buffers(...)` what it selects."""
 
     __slots__ = ("index",)
 
@@ -49,7 +49,9 @@ class _LeafMarker:
         return f"<carry leaf {self.index}>"
 
 
-def _select_buffer_leaves(buffers: Callable[[Any], Any], treedef, num_leaves: int) -> set[int]:
+def _select_buffer_leaves(
+    buffers: Callable[[Any], Any], treedef, num_leaves: int
+) -> set[int]:
     markers = jtu.tree_unflatten(treedef, [_LeafMarker(i) for i in range(num_leaves)])
     try:
         selected = buffers(markers)
@@ -63,9 +65,9 @@ def _select_buffer_leaves(buffers: Callable[[Any], Any], treedef, num_leaves: in
     for leaf in jtu.tree_leaves(selected, is_leaf=lambda x: isinstance(x, _LeafMarker)):
         if not isinstance(leaf, _LeafMarker):
             raise ValueError(
-                "`buffers` must return arrays of the carry (a node, or a sequence of "
-                f"nodes, of the carry it is given), but it returned {leaf!r}, which is not "
-                "part of the carry. Return the carry's own arrays, e.g. "
+                "`buffers` must return arrays of the carry (a node, or a sequence "
+                f"of nodes, of the carry it is given), but it returned {leaf!r}, "
+                "which is not part of the carry. Return the carry's own arrays, e.g. "
                 "`buffers=lambda carry: carry[1]`."
             )
         indices.add(leaf.index)
@@ -92,23 +94,47 @@ class Loop:
         buffers: Callable[[Any], Any] | None,
     ):
         leaves, self._treedef = jtu.tree_flatten(init_val, is_leaf=_is_buffer)
-        selected = set() if buffers is None else _select_buffer_leaves(buffers, self._treedef, len(leaves))
+        selected = (
+            set()
+            if buffers is None
+            else _select_buffer_leaves(buffers, self._treedef, len(leaves))
+        )
         self._was_buffer = tuple(_is_buffer(x) for x in leaves)
-        # `is_buffer[i]`: carry leaf i is a write-once buffer of *this* loop: the body sees
-        # it as a `Buffer` and backends may keep it out of checkpoints. Buffers of an outer
-        # loop that are not buffers here are still shown to the body as `Buffer`s.
+        # `is_buffer[i]`: carry leaf i is a write-once buffer of *this* loop: the body
+        # sees it as a `Buffer` and backends may keep it out of checkpoints. Buffers of
+        # an outer loop that are not buffers here are still shown to the body as
+        # `Buffer`s.
         self.is_buffer = tuple(i in selected for i in range(len(leaves)))
-        self._show_as_buffer = tuple(a or b for a, b in zip(self._was_buffer, self.is_buffer))
-        self.init_value = jtu.tree_unflatten(self._treedef, [_unwrap(x) for x in leaves])
+        self._show_as_buffer = tuple(
+            a or b for a, b in zip(self._was_buffer, self.is_buffer, strict=True)
+        )
+        # The write masks of outer loops' `Buffer`s: kept on every write in this loop.
+        self._outer_pred = tuple(_buffer_pred(x) for x in leaves)
+        self.init_value = jtu.tree_unflatten(
+            self._treedef, [_unwrap(x) for x in leaves]
+        )
         self.cond_fun = cond_fun
         self.body_fun = body_fun
         self.max_steps = max_steps
 
     # -- the carry as the user sees it ------------------------------------------------
 
-    def _as_user_carry(self, value: PyTree[Array], show: Sequence[bool]) -> PyTree[Any]:
+    def _as_user_carry(
+        self,
+        value: PyTree[Array],
+        show: Sequence[bool],
+        mask: Bool[Array, ""] | None = None,
+    ) -> PyTree[Any]:
+        """The carry with `Buffer`s where `show` says; their writes are masked by
+        `mask` (this loop's active batch elements) and by the outer loops' masks."""
         leaves = self._treedef.flatten_up_to(value)
-        return jtu.tree_unflatten(self._treedef, [Buffer(x) if s else x for x, s in zip(leaves, show)])
+        return jtu.tree_unflatten(
+            self._treedef,
+            [
+                Buffer(x, and_pred(p, mask)) if s else x
+                for x, s, p in zip(leaves, show, self._outer_pred, strict=True)
+            ],
+        )
 
     def final_value(self, value: PyTree[Array]) -> PyTree[Any]:
         """The carry to return to the user: outer loops' `Buffer`s wrapped back up."""
@@ -126,7 +152,9 @@ class Loop:
             )
         return jnp.asarray(pred)
 
-    def _keep_going(self, step: Int[Array, ""], value: PyTree[Array]) -> Bool[Array, ""]:
+    def _keep_going(
+        self, step: Int[Array, ""], value: PyTree[Array]
+    ) -> Bool[Array, ""]:
         pred = self._call_cond(value)
         if self.max_steps is not None:
             pred = pred & (step < self.max_steps)
@@ -143,18 +171,36 @@ class Loop:
     # -- body --------------------------------------------------------------------------
 
     def body(self, state: LoopState) -> LoopState:
-        """One step: `body_fun`, checked, with finished batch elements frozen."""
-        out = self.body_fun(self._as_user_carry(state.value, self._show_as_buffer))
+        """One step: `body_fun`, checked, with finished batch elements frozen.
+
+        Buffers are frozen by masking their writes (see `Buffer._pred`), the other
+        leaves by a `select` after the body; outside `vmap` both fold away."""
+        mask = active_mask(state.keep_going)
+        carry = self._as_user_carry(state.value, self._show_as_buffer, mask)
+        out = self.body_fun(carry)
         out = jtu.tree_map(_unwrap, out, is_leaf=_is_buffer)
         _check_body_output(state.value, out)
-        mask = active_mask(state.keep_going)
-        new_value = jtu.tree_map(
-            lambda new, old: lax.select(jnp.broadcast_to(mask, jnp.shape(old)), jnp.asarray(new, old.dtype), old),
-            out,
-            state.value,
-        )
+        values, treedef = jtu.tree_flatten(state.value)
+        new_leaves = [
+            jnp.asarray(new, old.dtype)
+            if shown
+            else lax.select(
+                jnp.broadcast_to(mask, jnp.shape(old)), jnp.asarray(new, old.dtype), old
+            )
+            for new, old, shown in zip(
+                treedef.flatten_up_to(out), values, self._show_as_buffer, strict=True
+            )
+        ]
+        new_value = jtu.tree_unflatten(treedef, new_leaves)
         step = state.step + 1
         return LoopState(step, self._keep_going(step, new_value), new_value)
+
+
+def _buffer_pred(x: Any) -> Bool[Array, ""] | None:
+    pred = None
+    while isinstance(x, Buffer):
+        pred, x = and_pred(pred, x._pred), x._array
+    return None if pred is True else pred
 
 
 def _unwrap(x: Any) -> Any:
@@ -176,7 +222,8 @@ def _leaf_lines(tree: PyTree[Any]) -> dict[str, str]:
 
 
 def _check_body_output(value: PyTree[Array], out: PyTree[Any]) -> None:
-    """Raise a `TypeError` showing both carries line by line if `out` differs from `value`."""
+    """Raise a `TypeError` showing both carries line by line if `out` differs from
+    `value`."""
     want = _leaf_lines(value)
     got = _leaf_lines(out)
     same_structure = jtu.tree_structure(value) == jtu.tree_structure(out)
@@ -195,7 +242,6 @@ def _check_body_output(value: PyTree[Array], out: PyTree[Any]) -> None:
         "`body_fun` must return a carry with the same structure, shapes and dtypes as "
         "the carry it is given (lines marked >> differ):\n"
         f"{detail}\n"
-        "Cast the outputs to the input dtypes (e.g. `x.astype(old.dtype)`) and keep the "
-        "same pytree structure."
+        "Cast the outputs to the input dtypes (e.g. `x.astype(old.dtype)`) and keep "
+        "the same pytree structure."
     )
-

@@ -55,7 +55,7 @@ batching.primitive_batchers[active_mask_p] = _active_mask_batch
 
 
 def unvmap_any(pred: Bool[ArrayLike, ""]) -> Bool[Array, ""]:
-    """`True` if any element of a (possibly vmapped) boolean is `True`; never batched."""
+    """`True` if any element of a (possibly vmapped) boolean is `True`; unbatched."""
     return unvmap_any_p.bind(jnp.asarray(pred, dtype=bool))
 
 

@@ -156,7 +156,11 @@ def while_loop(
     _check_callable("cond_fun", cond_fun)
     _check_callable("body_fun", body_fun)
     max_steps = check_loop_options(
-        kind=kind, max_steps=max_steps, checkpoints=checkpoints, base=base, buffers=buffers
+        kind=kind,
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+        base=base,
+        buffers=buffers,
     )
     init_val = jtu.tree_map(jnp.asarray, init_val)
     loop = Loop(cond_fun, body_fun, init_val, max_steps, buffers)
@@ -168,5 +172,7 @@ def while_loop(
     elif kind == "bounded":
         final = bounded_while_loop(loop, base=base)
     else:
-        raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+        raise ValueError(
+            f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}."
+        )
     return loop.final_value(final.value)

@@ -8,14 +8,17 @@ from .._state import Loop, LoopState
 
 
 _REVERSE_MODE_ERROR = (
-    "Reverse-mode differentiation (grad, vjp, jacrev, linearize) is not supported by "
-    "`loopax.while_loop(..., kind='lax')`, which is a plain `lax.while_loop` and supports "
-    "forward mode (jvp, jacfwd) only. Use kind='checkpointed' (optionally with "
-    "`checkpoints=` or `max_steps=`) or kind='bounded' (with `max_steps=`) instead."
+    "Reverse-mode differentiation (grad, vjp, jacrev, linearize) is not supported "
+    "by `loopax.while_loop(..., kind='lax')`, which is a plain `lax.while_loop` and "
+    "supports forward mode (jvp, jacfwd) only. Use kind='checkpointed' (optionally "
+    "with `checkpoints=` or `max_steps=`) or kind='bounded' (with `max_steps=`) "
+    "instead."
 )
 
 
-def lax_while_loop(loop: Loop, *, reverse_mode_error: str = _REVERSE_MODE_ERROR) -> LoopState:
+def lax_while_loop(
+    loop: Loop, *, reverse_mode_error: str = _REVERSE_MODE_ERROR
+) -> LoopState:
     """Run `loop` with `lax.while_loop`: forward-mode differentiable, not reverse-mode.
 
     `reverse_mode_error` is what reverse-mode differentiation raises; other kinds that

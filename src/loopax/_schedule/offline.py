@@ -26,6 +26,7 @@ The split rule is written once against an array namespace `xp` (either `numpy` o
     ```
 """
 
+import functools as ft
 import math
 from collections.abc import Callable
 from typing import Any
@@ -116,21 +117,6 @@ def revolve_cost(length: int, free_slots: int) -> int:
 #
 
 
-def while_loop(
-    cond_fun: Callable[[Any], Any],
-    body_fun: Callable[[Any], Any],
-    init_val: Any,
-    xp: Any,
-) -> Any:
-    """`jax.lax.while_loop` for `xp = jax.numpy`; a Python loop for `xp = numpy`."""
-    if xp is np:
-        val = init_val
-        while cond_fun(val):
-            val = body_fun(val)
-        return val
-    return lax.while_loop(cond_fun, body_fun, init_val)
-
-
 def cond(
     pred: Any, true_fun: Callable, false_fun: Callable, operand: Any, xp: Any
 ) -> Any:
@@ -140,94 +126,103 @@ def cond(
     return lax.cond(pred, true_fun, false_fun, operand)
 
 
-def _mul_div_capped(b, a, i, xp):
-    """`min(b * a // i, INT32_MAX)` for positive int32 `b`, `a`, `1 <= i <= 32`, where
-    `i` divides `b * a`, without overflowing int32."""
-    cap = xp.int32(INT32_MAX)
-    q, rem = b // i, b % i
-    qa, ra = a // i, a % i
-    # b * a / i == q * a + rem * qa + rem * ra / i, the last term exact and below 32.
-    over1 = q > cap // a
-    term1 = xp.where(over1, 0, q) * a
-    over2 = rem > cap // xp.maximum(qa, 1)
-    term2 = xp.where(over2, 0, rem) * qa
-    term3 = (rem * ra) // i
-    over3 = term1 > cap - term2 - term3
-    over = over1 | over2 | over3
-    return xp.where(over, cap, xp.where(over, 0, term1) + term2 + term3)
+# beta(c, r) = binom(c + r, c) is symmetric in c and r, and binom(m + k, k) with
+# m >= k >= 17 is at least binom(34, 17) > INT32_MAX: below the cap, min(c, r) <= 16.
+_MAX_SMALL = 16
+_MAX_SQUARE = 65534  # the largest m with beta(2, m) <= INT32_MAX
+
+
+@ft.cache
+def _beta_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`beta(k, m)` capped at `INT32_MAX` for `k = 3 .. 16` and `m = 0 ..` the first `m`
+    where it reaches the cap (3459 values): the rows end to end, each row's offset, and
+    each row's last `m`. Rows 0 .. 2 are placeholders (closed forms are used there),
+    row 17 holds the cap (`k >= 17`) and row 18 a zero (negative `r`)."""
+    values, offsets, last = [], [], []
+    for k in range(_MAX_SMALL + 3):
+        row = [1 if k <= _MAX_SMALL else (INT32_MAX if k == _MAX_SMALL + 1 else 0)]
+        while 3 <= k <= _MAX_SMALL and row[-1] < INT32_MAX:
+            row.append(min(beta(k, len(row)), INT32_MAX))
+        offsets.append(len(values))
+        last.append(len(row) - 1)
+        values.extend(row)
+    return (
+        np.array(values, dtype=np.int32),
+        np.array(offsets, dtype=np.int32),
+        np.array(last, dtype=np.int32),
+    )
+
+
+@ft.cache
+def _log_factorial() -> np.ndarray:
+    """`log(c!)` for `c = 0 .. 16`, float32."""
+    return np.array([math.lgamma(c + 1) for c in range(17)], dtype=np.float32)
 
 
 def beta_capped(c, r, xp):
-    r"""$\beta(c, r) = \binom{c + r}{c}$ on int32 scalars, capped at `2**31 - 1`.
+    r"""$\beta(c, r) = \binom{c + r}{c}$ on int32 arrays, capped at `2**31 - 1`.
 
-    Zero for negative `r`. Builds $\binom{m + k}{k}$, $k = \min(c, r)$,
-    $m = \max(c, r)$, one factor at a time and stops at the cap; since
-    $\binom{m + i}{i} \geq 2^i$ that takes at most 32 iterations whatever `c` and `r`
-    are. Works elementwise on arrays.
+    Zero for negative `r`; `c >= 0`. Below the cap $k = \min(c, r) \leq 16$, so this is
+    a closed form for $k \leq 2$ and a lookup in a table of 3459 values for $3 \leq k
+    \leq 16$: a handful of elementwise operations, no loop.
     """
     c = xp.asarray(c, dtype=xp.int32)
     r = xp.asarray(r, dtype=xp.int32)
     rr = xp.maximum(r, 0)
     k = xp.minimum(c, rr)
     m = xp.maximum(c, rr)
-    cap = xp.int32(INT32_MAX)
-
-    def cond_fun(val):
-        i, b = val
-        return xp.any((i < k) & (b < cap))
-
-    def body_fun(val):
-        i, b = val
-        active = (i < k) & (b < cap)
-        i = i + 1
-        # Finished elements keep their value; `i` is clamped so the arithmetic stays
-        # valid.
-        b = xp.where(active, _mul_div_capped(b, m + i, xp.minimum(i, 32), xp), b)
-        return i, b.astype(xp.int32)
-
-    init = (xp.int32(0), xp.ones(xp.shape(k), dtype=xp.int32))
-    _, b = while_loop(cond_fun, body_fun, init, xp)
-    return xp.where(r < 0, xp.int32(0), b)
+    values, offsets, last = (xp.asarray(a) for a in _beta_table())
+    # Row 17 holds the cap (k > 16), row 18 a zero (r < 0).
+    row = xp.where(r < 0, _MAX_SMALL + 2, xp.minimum(k, _MAX_SMALL + 1))
+    b = values[offsets[row] + xp.minimum(m, last[row])]
+    linear = xp.minimum(m, INT32_MAX - 1) + 1
+    # (m + 1) (m + 2) / 2, halving the even factor first (m >= 0: shifts, no division).
+    m2 = xp.minimum(m, _MAX_SQUARE)
+    odd = m2 & 1
+    square = ((m2 + 1) >> odd) * ((m2 + 2) >> (1 - odd))
+    square = xp.where(m > _MAX_SQUARE, xp.int32(INT32_MAX), square)
+    return xp.where(k == 1, linear, xp.where(k == 2, square, b)).astype(xp.int32)
 
 
 def repetition_number(length, c, xp):
-    r"""The smallest $r \geq 0$ with $\beta(c, r) \geq$ `length`, on int32 scalars.
+    r"""The smallest $r \geq 0$ with $\beta(c, r) \geq$ `length`, on int32 arrays.
 
-    Exponential search for an upper bound, then bisection: $O(\log r)$ binomials.
-    Requires `c >= 2`; `length` may be any int32. Works elementwise on arrays.
+    Requires `c >= 2`; `length` may be any int32. Works elementwise on arrays, with a
+    fixed number of operations (no loop):
+
+    - if $r \leq 17$ it is the number of $r' \in [0, 17]$ with $\beta(c, r') <$
+        `length`;
+    - otherwise $c \leq 16$ (as $\beta(c, 17) \geq \beta(17, 17) > 2^{31}$ for $c \geq
+        17$) and $r \geq 18$. Then $\beta(c, r) = \prod_{i=1}^{c} (r + i) / c!$, whose
+        geometric mean $g = ($`length`$\, c!)^{1/c}$ at the real root lies within
+        $(c^2 - 1) / (24 (r + 1)) < 0.6$ below the arithmetic mean $r + (c + 1) / 2$;
+        so $r$ is within a window of four integers from $\lfloor g - (c + 1) / 2
+        \rfloor - 1$, counted exactly as above. The float estimate is checked at every
+        boundary $\beta(c, r)$, $c \leq 16$, by the tests, in float32.
     """
     length = xp.asarray(length, dtype=xp.int32)
     c = xp.asarray(c, dtype=xp.int32)
-
-    def too_short(r):
-        return beta_capped(c, r, xp) < length
-
-    # Bracket: too_short(lo - 1) or lo == 0, and not too_short(hi).
-    def grow_cond(val):
-        _, hi = val
-        return xp.any(too_short(hi))
-
-    def grow_body(val):
-        lo, hi = val
-        short = too_short(hi)
-        return xp.where(short, hi + 1, lo), xp.where(short, 2 * hi + 1, hi)
-
-    shape = xp.shape(length + c)
-    init = (xp.zeros(shape, dtype=xp.int32), xp.ones(shape, dtype=xp.int32))
-    lo, hi = while_loop(grow_cond, grow_body, init, xp)
-
-    def bisect_cond(val):
-        lo, hi = val
-        return xp.any(lo < hi)
-
-    def bisect_body(val):
-        lo, hi = val
-        mid = lo + (hi - lo) // 2
-        short = too_short(mid) & (lo < hi)
-        return xp.where(short, mid + 1, lo), xp.where(short | (lo >= hi), hi, mid)
-
-    r, _ = while_loop(bisect_cond, bisect_body, (lo, hi), xp)
-    return r
+    shape = xp.broadcast_shapes(xp.shape(length), xp.shape(c))
+    length = xp.broadcast_to(length, shape)[..., None]
+    c = xp.broadcast_to(c, shape)[..., None]
+    cf = xp.clip(c, 2, _MAX_SMALL)
+    log_fact = xp.asarray(_log_factorial())[cf]
+    log_length = xp.log(xp.maximum(length, 1).astype(xp.float32))
+    g = xp.exp((log_length + log_fact) / cf.astype(xp.float32))
+    estimate = xp.floor(g - (cf + 1).astype(xp.float32) * 0.5).astype(xp.int32) - 1
+    estimate = xp.clip(estimate, 0, _MAX_SQUARE)
+    offsets = xp.arange(4, dtype=xp.int32).reshape((1,) * len(shape) + (4,))
+    candidates = xp.concatenate(
+        [
+            xp.broadcast_to(xp.arange(18, dtype=xp.int32), shape + (18,)),
+            estimate + offsets,
+        ],
+        axis=-1,
+    )
+    short = beta_capped(c, candidates, xp) < length
+    small = xp.sum(short[..., :18], axis=-1, dtype=xp.int32)
+    large = estimate[..., 0] + xp.sum(short[..., 18:], axis=-1, dtype=xp.int32)
+    return xp.where(small <= 17, small, large).astype(xp.int32)
 
 
 def revolve_cost_capped(length, free_slots, cap: int, xp):
@@ -306,9 +301,21 @@ def revolve_split(length, free_slots, xp):
         }
         ```
     """
+    if xp is np and np.ndim(length) == 0 and np.ndim(free_slots) == 0:
+        # The eager replay asks for the same few splits over and over.
+        return _revolve_split_numpy(int(length), int(free_slots))
+    return _revolve_split(length, free_slots, xp)
+
+
+def _revolve_split(length, free_slots, xp):
     length = xp.maximum(xp.asarray(length, dtype=xp.int32), 2)
     s = xp.maximum(xp.asarray(free_slots, dtype=xp.int32), 1)
     c = s + 1
     r = repetition_number(length, c, xp)
     lo = xp.maximum(beta_capped(c, r - 2, xp), length - beta_capped(s, r, xp))
     return xp.minimum(xp.maximum(lo, 1), length - 1)
+
+
+@ft.lru_cache(maxsize=1 << 16)
+def _revolve_split_numpy(length: int, free_slots: int) -> Any:
+    return _revolve_split(np.int32(length), np.int32(free_slots), np)

@@ -8,6 +8,8 @@ slot to store it into (or -1). The rule is written against an array namespace `x
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .offline import INT32_MAX, cond, revolve_cost_capped
 
 
@@ -56,8 +58,8 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     the final state uselessly, and it targets total evaluations rather than the
     repetition number.
 
-    Work per step: one sort of the positions and $O(c)$ vectorised repetition-number
-    searches (each $O(\log r)$ capped binomials), skipped while a slot is empty. Costs
+    Work per step: one sort of the positions and $O(c)$ vectorised repetition numbers
+    (each a fixed number of table lookups, no loop), skipped while a slot is empty. Costs
     are summed in int32 with each term capped at `(2**31 - 1) // (2 * checkpoints + 4)`;
     beyond that (loops of many millions of steps) options tie and the rule stops
     replacing checkpoints, which is valid but no longer near-optimal.
@@ -122,31 +124,78 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
 
 
 def _greedy_slot(pos, step, xp):
-    """With every slot full: the slot to overwrite with `x_step`, or -1 for none."""
+    """With every slot full: the slot to overwrite with `x_step`, or -1 for none.
+
+    `step` may have leading batch dimensions: with the slots fixed, the eager replay
+    prices many steps at once (see `forward_slots`).
+    """
     c = pos.shape[0]
+    batch = xp.shape(step)
     cap = INT32_MAX // (2 * c + 4)
     order = xp.argsort(pos).astype(xp.int32)
-    sorted_pos = pos[order]
-    zero = xp.zeros((1,), dtype=xp.int32)
-    bounds = xp.concatenate([zero, sorted_pos, step[None]])  # b_0 .. b_{c+1}
-    lengths = bounds[1:] - bounds[:-1]  # stretch j = [b_j, b_{j+1}), j = 0 .. c
+    step = step[..., None]
+    zero = xp.zeros(batch + (1,), dtype=xp.int32)
+    sorted_pos = xp.broadcast_to(pos[order], batch + (c,))
+    bounds = xp.concatenate([zero, sorted_pos, step], axis=-1)  # b_0 .. b_{c+1}
+    lengths = bounds[..., 1:] - bounds[..., :-1]  # stretch j = [b_j, b_{j+1})
+    merged = bounds[..., 2:] - bounds[..., :-2]  # removing b_i merges i - 1 and i
+    last = step + 1 - bounds[..., c : c + 1]
+    all_lengths = xp.concatenate([lengths, lengths, merged, last], axis=-1)
     free = c - xp.arange(c + 1, dtype=xp.int32)  # stretch j has c - j free slots
-    merged = bounds[2:] - bounds[:-2]  # removing b_i merges stretches i - 1 and i
-    all_lengths = xp.concatenate(
-        [lengths, lengths, merged, step[None] + 1 - bounds[c : c + 1]]
-    )
-    all_free = xp.concatenate([free, free + 1, free[:-1], zero])
+    all_free = xp.concatenate([free, free + 1, free[:-1], xp.zeros((1,), xp.int32)])
+    all_free = xp.broadcast_to(all_free, all_lengths.shape)
     costs = revolve_cost_capped(all_lengths, all_free, cap, xp)
-    keep_free = costs[: c + 1]  # stretch j with its own free slots
-    one_more = costs[c + 1 : 2 * c + 2]  # stretch j with one more free slot
-    merged_cost = costs[2 * c + 2 : 3 * c + 2]
-    last_if_kept = costs[3 * c + 2]
+    keep_free = costs[..., : c + 1]  # stretch j with its own free slots
+    one_more = costs[..., c + 1 : 2 * c + 2]  # stretch j with one more free slot
+    merged_cost = costs[..., 2 * c + 2 : 3 * c + 2]
+    last_if_kept = costs[..., 3 * c + 2 :]
     # Keep: stretches 0 .. c - 1 as they are, then [b_c, step + 1) with no free slot.
-    keep = xp.sum(keep_free[:c]) + last_if_kept
+    keep = xp.sum(keep_free[..., :c], axis=-1, keepdims=True, dtype=xp.int32)
+    keep = keep + last_if_kept
     # Replace b_i (i = 1 .. c): stretches before i - 1 unchanged, stretches i - 1 and i
     # merged, the later ones with one more free slot, and [step, step + 1) for free.
-    before = xp.concatenate([zero, xp.cumsum(keep_free)[: c - 1]])
-    after = xp.concatenate([xp.cumsum(one_more[::-1])[::-1][2:], zero])
+    before = xp.cumsum(keep_free, axis=-1, dtype=xp.int32)[..., : c - 1]
+    before = xp.concatenate([zero, before], axis=-1)
+    after = xp.cumsum(one_more[..., ::-1], axis=-1, dtype=xp.int32)[..., ::-1]
+    after = xp.concatenate([after[..., 2:], zero], axis=-1)
     replace = before + merged_cost + after
-    best = xp.argmin(xp.concatenate([keep[None], replace])).astype(xp.int32)
+    options = xp.concatenate([keep, replace], axis=-1)
+    best = xp.argmin(options, axis=-1).astype(xp.int32)
     return xp.where(best == 0, -1, order[xp.maximum(best - 1, 0)]).astype(xp.int32)
+
+
+def forward_slots(checkpoints: int, num_steps: int) -> tuple[int, ...]:
+    """The slot `online_step` stores each `x_k`, `k = 1 .. num_steps`, into (or -1),
+    computed eagerly with NumPy for `loopax.schedule`.
+
+    The decisions depend on nothing but `checkpoints` and `k`, so they are cached per
+    `checkpoints` and extended on demand. Once the slots are full they change only when
+    a checkpoint is replaced, which is rare; until then the rule prices a batch of
+    steps in one vectorised call of the very same code and takes the first store.
+    """
+    slots, pos = _FORWARD.get(checkpoints, ([], online_init(checkpoints, np).slot_pos))
+    gap = 1
+    while len(slots) < num_steps:
+        k = len(slots) + 1
+        if np.any(pos < 0):
+            slot, state = online_step(OnlineState(pos), np.int32(k), np)
+            slots.append(int(slot))
+            pos = state.slot_pos
+            continue
+        size = min(max(2 * gap, 8), 128, num_steps + 1 - k)
+        batch = _greedy_slot(pos, np.arange(k, k + size, dtype=np.int32), np)
+        (stores,) = np.nonzero(batch >= 0)
+        kept = int(stores[0]) if len(stores) else size
+        slots.extend([-1] * kept)
+        gap += kept
+        if len(stores):
+            slot = int(batch[kept])
+            slots.append(slot)
+            pos = pos.copy()
+            pos[slot] = k + kept
+            gap = 1
+    _FORWARD[checkpoints] = (slots, pos)
+    return tuple(slots[:num_steps])
+
+
+_FORWARD: dict[int, tuple[list[int], Any]] = {}

@@ -4,8 +4,8 @@ import dataclasses
 
 import numpy as np
 
-from .online import online_init, online_step
-from .reverse import reverse_done, reverse_init, reverse_step
+from .online import forward_slots
+from .reverse import plain_advances, reverse_done, reverse_init, reverse_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,9 +17,9 @@ class Schedule:
     - `num_steps`: the trip count `n` replayed (after clipping to `max_steps`).
     - `checkpoints`: the number of checkpoint slots.
     - `actions`: a tuple of `(kind, step, slot)` triples, in execution order. `kind` is
-        one of `"forward"` (compute `x_{step+1}` from `x_step`, both in the forward sweep
-        and when recomputing in the backward sweep; `slot` is -1), `"save"` (store `x_step` into
-        `slot`, right after the `"forward"` that produced it), `"restore"` (load
+        one of `"forward"` (compute `x_{step+1}` from `x_step`, in the forward sweep and
+        when recomputing in the backward sweep; `slot` is -1), `"save"` (store `x_step`
+        into `slot`, right after the `"forward"` that produced it), `"restore"` (load
         `x_step` from `slot`, or the initial value `x_0` when `slot` is -1) and `"vjp"`
         (the VJP of step `step`, taken at `x_step`; `slot` is -1).
     - `num_forward`: body evaluations of the forward sweep, `n`.
@@ -27,6 +27,10 @@ class Schedule:
     - `num_vjp`: VJPs of the body, `n`.
     - `total_evaluations`: `num_forward + num_recomputed + num_vjp`.
     - `peak_slots_used`: the largest number of slots holding a state at any time.
+    - `stores_residuals`: True on the store-all path (`checkpoints >= max_steps`): like
+        `lax.scan`, the forward sweep stores each step's VJP residuals (slot `k - 1`
+        holds those of step `k - 1`), so a `"vjp"` runs only the linear part of the
+        VJP and does not call the body again.
     """
 
     num_steps: int
@@ -36,10 +40,18 @@ class Schedule:
     num_recomputed: int
     num_vjp: int
     peak_slots_used: int
+    stores_residuals: bool = False
 
     @property
     def total_evaluations(self) -> int:
         return self.num_forward + self.num_recomputed + self.num_vjp
+
+    @property
+    def body_calls(self) -> tuple[int, ...]:
+        """The step index of every call of the body function, in order: what a
+        `jax.debug.callback` in the body records during one gradient."""
+        kinds = ("forward",) if self.stores_residuals else ("forward", "vjp")
+        return tuple(step for kind, step, _ in self.actions if kind in kinds)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -58,7 +70,10 @@ def schedule(
     """Replay the checkpointing schedule of a checkpointed loop of `num_steps` steps.
 
     Runs the very same online (forward sweep) and backward-sweep controllers as the
-    compiled loop, eagerly with NumPy, and records every body evaluation. Use it to see
+    compiled loop, eagerly with NumPy, and records every body evaluation. (The forward
+    decisions are cached per `checkpoints` and priced in batches, and runs of plain
+    advances in the backward sweep are emitted at once; see `forward_slots` and
+    `plain_advances`.) Use it to see
     what reverse mode through `loopax.while_loop(..., kind="checkpointed",
     checkpoints=...)` will cost.
 
@@ -86,27 +101,30 @@ def schedule(
     actions: list[tuple[str, int, int]] = []
     used = peak = 0
     # Forward sweep.
-    state = online_init(checkpoints, np)
-    slot_pos = state.slot_pos
-    for k in range(1, num_steps + 1):
+    if store_all:
+        slots = tuple(range(num_steps))
+    else:
+        slots = forward_slots(checkpoints, num_steps)
+    slot_pos = np.full((checkpoints,), -1, dtype=np.int32)
+    for k, slot in enumerate(slots, start=1):
         actions.append(("forward", k - 1, -1))
-        if store_all:
-            slot = k - 1
-            slot_pos = slot_pos.copy()
-            slot_pos[slot] = k
-        else:
-            slot, state = online_step(state, np.int32(k), np)
-            slot, slot_pos = int(slot), state.slot_pos
         if slot >= 0:
             actions.append(("save", k, slot))
-            used = int(np.sum(slot_pos >= 0))
+            used += slot_pos[slot] < 0
             peak = max(peak, used)
+            slot_pos[slot] = k
     # Backward sweep.
     restore_slot, rstate = reverse_init(slot_pos, np.int32(num_steps), checkpoints, np)
     num_recomputed = 0
     if num_steps > 0:
         actions.append(("restore", int(rstate.cur), int(restore_slot)))
     while not reverse_done(rstate, np):
+        skip = plain_advances(rstate)
+        if skip:
+            cur = int(rstate.cur)
+            actions.extend(("forward", k, -1) for k in range(cur, cur + skip))
+            num_recomputed += skip
+            rstate = rstate._replace(cur=np.int32(cur + skip))
         action, rstate = reverse_step(rstate, np)
         step = int(action.step)
         if action.is_vjp:
@@ -127,4 +145,5 @@ def schedule(
         num_recomputed=num_recomputed,
         num_vjp=num_steps,
         peak_slots_used=peak,
+        stores_residuals=store_all,
     )

@@ -70,11 +70,9 @@ def _restore(slot_pos, end, xp):
     """Free the slots no longer needed once the VJPs of steps `>= end` ran, and pick the
     latest remaining stored state: returns `(slot_pos, restore_slot, cur)`."""
     slot_pos = xp.where(slot_pos >= end, -1, slot_pos).astype(xp.int32)
-    valid = slot_pos >= 0
-    latest = xp.argmax(slot_pos).astype(xp.int32)
-    restore_slot = xp.where(xp.any(valid) & (end > 0), latest, -1).astype(xp.int32)
-    cur = xp.maximum(xp.max(slot_pos), 0).astype(xp.int32)
-    return slot_pos, restore_slot, cur
+    latest = xp.max(slot_pos)
+    restore_slot = xp.where((latest >= 0) & (end > 0), xp.argmax(slot_pos), -1)
+    return slot_pos, restore_slot.astype(xp.int32), xp.maximum(latest, 0)
 
 
 def reverse_init(
@@ -116,21 +114,34 @@ def reverse_step(state: ReverseState, xp: Any) -> tuple[ReverseAction, ReverseSt
     A pair `(action, new_state)`; see `ReverseAction` for what the caller executes.
     """
     is_vjp = state.cur == state.end - 1
-    return cond(is_vjp, lambda st: _vjp(st, xp), lambda st: _advance(st, xp), state, xp)
+    store = state.cur + 1 == state.target
+    action, state = cond(
+        is_vjp, lambda st: _vjp(st, xp), lambda st: _advance(st, xp), state, xp
+    )
+    # After a VJP (and its restore) or a store, plan the next store: one `_plan` for
+    # both, so the traced loop holds a single copy of `revolve_split`.
+    target = cond(
+        is_vjp | store,
+        lambda st: _plan(st.slot_pos, st.cur, st.end, xp),
+        lambda st: st.target,
+        state,
+        xp,
+    )
+    return action, state._replace(target=target)
 
 
 def _vjp(state, xp):
-    """Run the VJP of step `end - 1`, then restore the latest state still needed."""
+    """Run the VJP of step `end - 1`, then restore the latest state still needed (the
+    caller plans the next target)."""
     end = state.end - 1
     slot_pos, restore_slot, cur = _restore(state.slot_pos, end, xp)
-    target = _plan(slot_pos, cur, end, xp)
     action = ReverseAction(
         is_vjp=xp.asarray(True),
         step=xp.asarray(state.cur, dtype=xp.int32),
         store_slot=xp.int32(-1),
         restore_slot=restore_slot,
     )
-    return action, ReverseState(slot_pos, cur, end.astype(xp.int32), target)
+    return action, ReverseState(slot_pos, cur, end.astype(xp.int32), state.target)
 
 
 def _advance(state, xp):
@@ -157,19 +168,37 @@ def _advance_only(state, xp):
 
 
 def _advance_store(state, xp):
-    """Advance `x_cur` to `x_{cur+1}` and store it into the first free slot."""
+    """Advance `x_cur` to `x_{cur+1}` and store it into the first free slot (the
+    caller plans the next target)."""
     cur = (state.cur + 1).astype(xp.int32)
     store_slot = xp.argmax(state.slot_pos < 0).astype(xp.int32)
     slots = xp.arange(state.slot_pos.shape[0], dtype=xp.int32)
     slot_pos = xp.where(slots == store_slot, cur, state.slot_pos).astype(xp.int32)
-    target = _plan(slot_pos, cur, state.end, xp)
     action = ReverseAction(
         is_vjp=xp.asarray(False),
         step=xp.asarray(state.cur, dtype=xp.int32),
         store_slot=store_slot,
         restore_slot=xp.int32(-1),
     )
-    return action, ReverseState(slot_pos, cur, state.end, target)
+    return action, ReverseState(slot_pos, cur, state.end, state.target)
+
+
+def plain_advances(state: ReverseState) -> int:
+    """How many of the next `reverse_step` calls are plain advances (no store, no VJP):
+    those up to the store target or, failing that, up to the next VJP. They change only
+    `cur`, so the eager replay emits them without calling `reverse_step`.
+
+    **Arguments:**
+
+    - `state`: a `ReverseState` of NumPy values.
+
+    **Returns:**
+
+    A Python int.
+    """
+    cur, end, target = int(state.cur), int(state.end), int(state.target)
+    stop = end - 1 if target <= cur else min(end - 1, target - 1)
+    return max(stop - cur, 0)
 
 
 def reverse_done(state: ReverseState, xp: Any) -> Any:
