@@ -351,20 +351,21 @@ def _def_checkpointed_vjp(
                 new_state, step_vjp = linearize(p_diff, p_rest, state)
                 new_ct_state, new_ct_params = apply_vjp(step_vjp, ct_state, ct_params)
                 new_state = restore(new_state, stack, action.restore_slot)
-                return new_state, stack, new_ct_state, new_ct_params
+                return new_state, new_ct_state, new_ct_params
 
             def do_advance():
-                new_state = step(state)
-                new_stack = lax.cond(
-                    action.store_slot >= 0,
-                    lambda: _write_slot(
-                        stack, action.store_slot, layout.stored(new_state)
-                    ),
-                    lambda: stack,
-                )
-                return new_state, new_stack, ct_state, ct_params
+                return step(state), ct_state, ct_params
 
-            return (*lax.cond(action.is_vjp, do_vjp, do_advance), control)
+            state, ct_state, ct_params = lax.cond(action.is_vjp, do_vjp, do_advance)
+            # The stack is only read inside the branches and written out here: passing
+            # it through the branches made XLA copy the whole stack every iteration.
+            store = jnp.logical_not(action.is_vjp) & (action.store_slot >= 0)
+            stack = lax.cond(
+                store,
+                lambda: _write_slot(stack, action.store_slot, layout.stored(state)),
+                lambda: stack,
+            )
+            return state, stack, ct_state, ct_params, control
 
         carry = (
             state,
