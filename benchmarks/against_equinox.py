@@ -10,6 +10,10 @@ Questions answered (all as ratios measured side by side in this process):
 - gradient time with `checkpoints >= num_steps` vs a full-storage `lax.scan` (<= 1.15);
 - XLA temp memory of the compiled gradient vs `(c + 3) * carry + 1 MiB`.
 
+A second workload has a large state (2**20 float32, a cheap stencil body), where
+memory traffic dominates: gradient time and temp memory vs Equinox at c in {4, 16}
+(N = 1000 steps; 200 with `--quick`).
+
 Run: `python benchmarks/against_equinox.py [--quick]`.
 """
 
@@ -142,15 +146,95 @@ def main(quick: bool):
         "grad lax.scan + checkpoint per step", grad(lambda p, y: scan_loss(p, y, True))
     )
     ratios["grad loopax store-all / lax.scan"] = full / scan
+    large_rows = large_state(
+        num_steps=200 if quick else 1000, repeats=1 if quick else 3
+    )
+    for r in large_rows:
+        c = r["checkpoints"]
+        ratios[f"large state grad loopax / equinox (c={c})"] = r["time_ratio"]
+        ratios[f"large state temp loopax / equinox (c={c})"] = r["temp_ratio"]
 
     print(
         f"# against_equinox: RK4 neural ODE, state {STATE}, width {WIDTH}, N={num_steps}; {machine()}"
     )
     print(f"# carry bytes: {carry_bytes}")
     print_table(rows, ["variant", "compile_s", "run_s", "temp_bytes"])
+    print(
+        "# large state (2**20 float32, stencil body); temp memory in units of the carry"
+    )
+    print_table(
+        large_rows,
+        [
+            "checkpoints",
+            "num_steps",
+            "loopax_s",
+            "equinox_s",
+            "time_ratio",
+            "loopax_temp_carries",
+            "equinox_temp_carries",
+            "bound_c_plus_3",
+        ],
+    )
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
-    write_json("against_equinox", {"rows": rows, "ratios": ratios})
+    write_json(
+        "against_equinox", {"rows": rows, "large_state": large_rows, "ratios": ratios}
+    )
+
+
+def large_state(num_steps: int, repeats: int) -> list[dict]:
+    size = 2**20
+    carry_bytes = 4 * size + 4
+
+    def make(while_loop):
+        def loss(y0):
+            def body(carry):
+                i, y = carry
+                laplacian = jnp.roll(y, 1) - 2 * y + jnp.roll(y, -1)
+                return i + 1, y + 0.01 * laplacian + 0.001 * jnp.sin(y)
+
+            return while_loop(lambda c: c[0] < num_steps, body, (0, y0))[1].sum()
+
+        return jax.grad(loss)
+
+    y0 = jnp.ones(size)
+    rows = []
+    for c in [4, 16]:
+        ours = compile_and_time(
+            make(lambda cf, b, x, c=c: loopax.while_loop(cf, b, x, checkpoints=c)),
+            y0,
+            repeats=repeats,
+            min_time=0,
+        )
+        theirs = compile_and_time(
+            make(
+                lambda cf, b, x, c=c: eqxi.while_loop(
+                    cf,
+                    b,
+                    x,
+                    kind="checkpointed",
+                    checkpoints=c,
+                    max_steps=4 * num_steps,
+                )
+            ),
+            y0,
+            repeats=repeats,
+            min_time=0,
+        )
+        rows.append(
+            {
+                "checkpoints": c,
+                "num_steps": num_steps,
+                "loopax_s": ours[1],
+                "equinox_s": theirs[1],
+                "time_ratio": ours[1] / theirs[1],
+                "loopax_temp_carries": ours[2] / carry_bytes,
+                "equinox_temp_carries": theirs[2] / carry_bytes,
+                "bound_c_plus_3": c + 3,
+                "temp_ratio": ours[2] / theirs[2],
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":
