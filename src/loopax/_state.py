@@ -1,15 +1,18 @@
 """The loop-state rewrite that every backend runs.
 
 A user loop `(cond_fun, body_fun, init_val)` becomes a loop over
-`LoopState(step, keep_going, value)`:
+`LoopState(step, value)`:
 
 - `step` counts body calls, so backends can enforce `max_steps` and checkpoint
   schedules can be keyed on it. It is never batched.
-- `keep_going` is `cond_fun(value)` (and the `max_steps` bound), evaluated once per
-  step right after the body. Under `vmap` it may be batched; `Loop.cond` reduces it to
-  one unbatched flag, so backends never see a batched predicate and the whole batch
-  shares one step counter and one checkpoint schedule. Finished batch elements are
-  frozen by `Loop.body`.
+- The predicate `keep_going = cond_fun(value) & (step < max_steps)` may be batched under
+  `vmap`. `Loop.cond` reduces it to one unbatched flag, so backends never see a batched
+  predicate and the whole batch shares one step counter and one checkpoint schedule.
+  `Loop.body` evaluates it again to freeze finished batch elements; outside `vmap` that
+  second evaluation is dead code (the freeze folds away) and XLA removes it. It is
+  recomputed rather than carried because a carried flag hides the loop's induction
+  variable from XLA, which then cannot compile a counted loop (measured: ~0.5 us of
+  extra overhead per step on CPU for a trivial body).
 - `value` is the user's carry with every `Buffer` unwrapped to its array; `Loop.body`
   wraps the buffer leaves around `body_fun` and unwraps them after, and checks that
   `body_fun` returned the structure, shapes and dtypes it was given.
@@ -29,7 +32,6 @@ from ._unvmap import active_mask, unvmap_any
 
 class LoopState(NamedTuple):
     step: Int[Array, ""]
-    keep_going: Bool[Array, ""]
     value: PyTree[Array]
 
 
@@ -161,12 +163,11 @@ class Loop:
         return pred
 
     def init(self) -> LoopState:
-        step = jnp.array(0, dtype=jnp.int32)
-        return LoopState(step, self._keep_going(step, self.init_value), self.init_value)
+        return LoopState(jnp.array(0, dtype=jnp.int32), self.init_value)
 
     def cond(self, state: LoopState) -> Bool[Array, ""]:
         """Whether any batch element continues: one unbatched flag."""
-        return unvmap_any(state.keep_going)
+        return unvmap_any(self._keep_going(state.step, state.value))
 
     # -- body --------------------------------------------------------------------------
 
@@ -175,7 +176,7 @@ class Loop:
 
         Buffers are frozen by masking their writes (see `Buffer._pred`), the other
         leaves by a `select` after the body; outside `vmap` both fold away."""
-        mask = active_mask(state.keep_going)
+        mask = active_mask(self._keep_going(state.step, state.value))
         carry = self._as_user_carry(state.value, self._show_as_buffer, mask)
         out = self.body_fun(carry)
         out = jtu.tree_map(_unwrap, out, is_leaf=_is_buffer)
@@ -192,8 +193,7 @@ class Loop:
             )
         ]
         new_value = jtu.tree_unflatten(treedef, new_leaves)
-        step = state.step + 1
-        return LoopState(step, self._keep_going(step, new_value), new_value)
+        return LoopState(state.step + 1, new_value)
 
 
 def _buffer_pred(x: Any) -> Bool[Array, ""] | None:

@@ -25,9 +25,11 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array
 
 from .._schedule import (
+    OnlineState,
     online_init,
     online_step,
     reverse_done,
@@ -56,8 +58,16 @@ def default_checkpoints(max_steps: int) -> int:
     return max(1, math.ceil(math.log2(max_steps + 1)))
 
 
-def checkpointed_while_loop(loop: Loop, *, checkpoints: int | None) -> LoopState:
+def checkpointed_while_loop(
+    loop: Loop, *, checkpoints: int | None, forward_slots: np.ndarray | None = None
+) -> LoopState:
     """Run `loop` as a `lax.while_loop` whose reverse mode uses `checkpoints` slots.
+
+    `forward_slots`, for loops whose trip count is known up front (`loopax.scan`):
+    an int32 array with one entry per step, `forward_slots[k - 1]` the slot to store
+    `x_k` into or -1 (see `revolve_forward_slots`). The forward sweep then looks its
+    decisions up in this table instead of running the online rule. The loop must run
+    at most `len(forward_slots)` steps: `loop.max_steps` must equal it.
 
     ??? cite "References"
 
@@ -91,17 +101,38 @@ def checkpointed_while_loop(loop: Loop, *, checkpoints: int | None) -> LoopState
     store_all = loop.max_steps is not None and checkpoints >= loop.max_steps
     if store_all:
         checkpoints = max(1, loop.max_steps or 0)
+        forward_slots = None
+    if forward_slots is not None and (
+        loop.max_steps is None or np.shape(forward_slots) != (loop.max_steps,)
+    ):
+        raise AssertionError(
+            "loopax internal error: `forward_slots` must have one entry per step up "
+            "to `max_steps`; please report a bug."
+        )
 
     init_state = loop.init()
     # Closure-convert: arrays the body closes over become explicit inputs, so they get
     # cotangents like everything else.
-    body = eqx.filter_closure_convert(loop.body, init_state)
-    params, body_static = eqx.partition(body, eqx.is_array)
+    # Closure-convert: arrays the body and the predicate close over (weights, outer
+    # loops' tracers) become explicit inputs of the custom_vjp, so they get cotangents
+    # and never leak out of it as closed-over tracers.
+    converted = (
+        eqx.filter_closure_convert(loop.body, init_state),
+        eqx.filter_closure_convert(loop.cond, init_state),
+    )
+    params, fns_static = eqx.partition(converted, eqx.is_array)
     param_leaves, param_def = jtu.tree_flatten(params)
     state_leaves, state_def = jtu.tree_flatten(init_state)
-    layout = _Layout(param_leaves, state_leaves, (False, False, *loop.is_buffer))
+    layout = _Layout(param_leaves, state_leaves, (False, *loop.is_buffer))
     run = _make_run(
-        loop, layout, body_static, param_def, state_def, checkpoints, store_all
+        loop,
+        layout,
+        fns_static,
+        param_def,
+        state_def,
+        checkpoints,
+        store_all,
+        forward_slots,
     )
     out = run(*layout.split(param_leaves, state_leaves))
     return jtu.tree_unflatten(state_def, out)
@@ -171,15 +202,16 @@ def _read_slot(stack: list[Array], slot) -> list[Array]:
 def _make_run(
     loop: Loop,
     layout: _Layout,
-    body_static,
+    fns_static,
     param_def,
     state_def,
     checkpoints: int,
     store_all: bool,
+    forward_slots: np.ndarray | None,
 ):
     def step_fn(p_diff, p_rest):
-        body = eqx.combine(
-            jtu.tree_unflatten(param_def, layout.params(p_diff, p_rest)), body_static
+        body, _ = eqx.combine(
+            jtu.tree_unflatten(param_def, layout.params(p_diff, p_rest)), fns_static
         )
 
         def step(state_leaves: list[Array]) -> list[Array]:
@@ -187,8 +219,11 @@ def _make_run(
 
         return step
 
-    def cond(state_leaves) -> Array:
-        return loop.cond(jtu.tree_unflatten(state_def, state_leaves))
+    def cond_fn(p_diff, p_rest):
+        _, cond = eqx.combine(
+            jtu.tree_unflatten(param_def, layout.params(p_diff, p_rest)), fns_static
+        )
+        return lambda state_leaves: cond(jtu.tree_unflatten(state_def, state_leaves))
 
     def linearize(p_diff, p_rest, state):
         """One step and its VJP function (a pytree of residuals) at `state`."""
@@ -210,20 +245,29 @@ def _make_run(
     @jax.custom_vjp
     def run(p_diff, s_diff, p_rest, s_rest):
         return lax.while_loop(
-            cond, step_fn(p_diff, p_rest), layout.state(s_diff, s_rest)
+            cond_fn(p_diff, p_rest),
+            step_fn(p_diff, p_rest),
+            layout.state(s_diff, s_rest),
         )
 
     if store_all:
-        _def_store_all_vjp(run, cond, linearize, apply_vjp, layout, checkpoints)
+        _def_store_all_vjp(run, cond_fn, linearize, apply_vjp, layout, checkpoints)
     else:
         _def_checkpointed_vjp(
-            run, cond, step_fn, linearize, apply_vjp, layout, checkpoints
+            run,
+            cond_fn,
+            step_fn,
+            linearize,
+            apply_vjp,
+            layout,
+            checkpoints,
+            forward_slots,
         )
     return run
 
 
 def _def_store_all_vjp(
-    run, cond, linearize, apply_vjp, layout: _Layout, max_steps: int
+    run, cond_fn, linearize, apply_vjp, layout: _Layout, max_steps: int
 ) -> None:
     """`checkpoints >= max_steps`: like `lax.scan`, store every step's VJP residuals.
 
@@ -261,7 +305,7 @@ def _def_store_all_vjp(
             return state, _write_slot(stack, k, residuals)
 
         final, stack = lax.while_loop(
-            lambda c: cond(c[0]), forward_step, (state, stack)
+            lambda c: cond_fn(p_diff, p_rest)(c[0]), forward_step, (state, stack)
         )
         return final, (p_diff, p_rest, stack, final[0])
 
@@ -293,9 +337,27 @@ def _def_store_all_vjp(
 
 
 def _def_checkpointed_vjp(
-    run, cond, step_fn, linearize, apply_vjp, layout: _Layout, checkpoints: int
+    run,
+    cond_fn,
+    step_fn,
+    linearize,
+    apply_vjp,
+    layout: _Layout,
+    checkpoints: int,
+    forward_slots: np.ndarray | None,
 ) -> None:
-    """The general case: online checkpoints forward, revolve reversal backward."""
+    """The general case: online checkpoints forward (or the decisions in
+    `forward_slots`, when the trip count is known), revolve reversal backward."""
+
+    def choose_slot(online, k):
+        """The slot to store `x_k` into (or -1), and the policy's new state."""
+        if forward_slots is None:
+            return online_step(online, k, jnp)
+        # A constant lookup; the slot positions are tracked for the backward sweep.
+        slot = jnp.asarray(forward_slots)[k - 1]
+        slots = jnp.arange(checkpoints, dtype=jnp.int32)
+        slot_pos = jnp.where(slots == slot, k, online.slot_pos).astype(jnp.int32)
+        return slot, OnlineState(slot_pos)
 
     def fwd(p_diff, s_diff, p_rest, s_rest):
         step = step_fn(p_diff, p_rest)
@@ -308,9 +370,7 @@ def _def_checkpointed_vjp(
         def forward_step(carry):
             state, stack, online = carry
             state = step(state)
-            slot, online = online_step(
-                online, state[0], jnp
-            )  # state[0]: the step counter.
+            slot, online = choose_slot(online, state[0])  # state[0]: the step counter.
             # Only saving steps touch the stack.
             stack = lax.cond(
                 slot >= 0,
@@ -321,7 +381,9 @@ def _def_checkpointed_vjp(
 
         online = online_init(checkpoints, jnp)
         final, stack, online = lax.while_loop(
-            lambda c: cond(c[0]), forward_step, (state, stack, online)
+            lambda c: cond_fn(p_diff, p_rest)(c[0]),
+            forward_step,
+            (state, stack, online),
         )
         residuals = (p_diff, p_rest, s_diff, s_rest, stack, online.slot_pos, final)
         return final, residuals
