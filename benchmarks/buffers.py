@@ -133,7 +133,9 @@ def main() -> None:
         for impl in impls:
             previous = None
             for n in sizes:
-                if previous is not None and previous.get("run_s", 0.0) > SKIP_AFTER_S:
+                if previous is not None and "run_s" not in previous:
+                    cell = {"error": f"skipped: N={n // 10} was skipped or failed"}
+                elif previous is not None and previous["run_s"] > SKIP_AFTER_S:
                     # Already slow at N / 10: 10 N would take minutes if quadratic.
                     cell = {
                         "error": f"skipped: N={n // 10} took {previous['run_s']:.1f} s"

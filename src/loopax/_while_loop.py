@@ -52,8 +52,13 @@ def check_loop_options(
     checkpoints: Any,
     base: Any,
     buffers: Any,
+    allow_all: bool = False,
 ) -> int | None:
-    """Validate the options shared by every loopax front end; return `max_steps`."""
+    """Validate the options shared by every loopax front end; return `max_steps`.
+
+    With `allow_all` (front ends whose trip count is known), `checkpoints` may also be
+    the string `"all"`: store every step.
+    """
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(
             f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}. "
@@ -68,14 +73,16 @@ def check_loop_options(
         optional=True,
         hint="Pass an int bound on the number of body calls, or None for no bound.",
     )
-    _check_int(
-        "checkpoints",
-        checkpoints,
-        minimum=1,
-        optional=True,
-        hint="Pass how many loop states the backward pass may store (e.g. 16), "
-        "or None for the default.",
-    )
+    if not (allow_all and isinstance(checkpoints, str) and checkpoints == "all"):
+        _check_int(
+            "checkpoints",
+            checkpoints,
+            minimum=1,
+            optional=True,
+            hint="Pass how many loop states the backward pass may store (e.g. 16), "
+            + ("'all' to store every step, " if allow_all else "")
+            + "or None for the default.",
+        )
     _check_int(
         "base",
         base,

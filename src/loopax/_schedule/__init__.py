@@ -4,6 +4,7 @@
 from .offline import (
     beta as beta,
     revolve_cost as revolve_cost,
+    revolve_forward_slots as revolve_forward_slots,
     revolve_split as revolve_split,
 )
 from .online import (

@@ -319,3 +319,73 @@ def _revolve_split(length, free_slots, xp):
 @ft.lru_cache(maxsize=1 << 16)
 def _revolve_split_numpy(length: int, free_slots: int) -> Any:
     return _revolve_split(np.int32(length), np.int32(free_slots), np)
+
+
+def revolve_forward_slots(num_steps: int, checkpoints: int) -> np.ndarray:
+    r"""The optimal forward sweep of a loop whose trip count is known up front.
+
+    For each step `k = 1 .. num_steps`, the slot to store `x_k` into right after
+    computing it, or -1: what the forward sweep does instead of asking the online rule.
+
+    The forward sweep always runs to `x_n` (the loop's output), and then every stretch
+    between stored states is reversed optimally with the slots free at that time (see
+    `reverse.py`). This is revolve's first sweep over `n + 1` steps with the initial
+    value as one more checkpoint: the state `x_n` is where revolve's last reverse step
+    would start, and that reverse step is not needed (the cotangent of `x_n` is given).
+    So the checkpoints are placed recursively at revolve's optimal split of the
+    remaining stretch `[b, n + 1)` with the slots still free, `b_1 = revolve_split(n + 1,
+    c)`, `b_2 = b_1 + revolve_split(n + 1 - b_1, c - 1)`, ..., until the slots run out or
+    the split reaches `x_n` (which is never stored). Splitting `[0, n)` instead would
+    spend a slot on `x_{n-1}` and cost up to `r - 1` more recomputations.
+
+    With $c$ = `checkpoints` slots the backward sweep then recomputes exactly
+    $R = t(n + 1, c + 1) - n$ states, where $t(l, s) = r l - \beta(s + 1, r - 1)$ is
+    Griewank and Walther's minimal number of forward steps to reverse $l$ steps with $s$
+    checkpoints ($r$ the smallest integer with $\beta(s, r) \geq l$); this is the
+    fewest any schedule that stores at most $c$ states besides $x_0$ can recompute.
+    Forward sweep, VJPs and recomputations together cost $n + t(n + 1, c + 1)$ body
+    evaluations.
+
+    **Arguments:**
+
+    - `num_steps`: the trip count `n`, a non-negative Python int.
+    - `checkpoints`: the number of slots `c`, a positive Python int.
+
+    **Returns:**
+
+    A read-only int32 NumPy array of length `num_steps`: entry `k - 1` is the slot for
+    `x_k`, or -1. The slots used are `0, 1, ...` in the order they are filled.
+
+    ??? cite "References"
+
+        ```bibtex
+        @article{griewank2000revolve,
+            author = {Griewank, Andreas and Walther, Andrea},
+            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
+                     Reverse or Adjoint Mode of Computational Differentiation},
+            journal = {ACM Transactions on Mathematical Software},
+            volume = {26},
+            number = {1},
+            pages = {19--45},
+            year = {2000},
+        }
+        ```
+    """
+    return _revolve_forward_slots(int(num_steps), int(checkpoints))
+
+
+@ft.lru_cache(maxsize=256)
+def _revolve_forward_slots(num_steps: int, checkpoints: int) -> np.ndarray:
+    table = np.full((num_steps,), -1, dtype=np.int32)
+    start, slot = 0, 0
+    while slot < checkpoints and num_steps - start >= 1:
+        # The stretch [start, n + 1) has at least two steps and a free slot.
+        start += int(
+            revolve_split(np.int32(num_steps + 1 - start), checkpoints - slot, np)
+        )
+        if start >= num_steps:
+            break
+        table[start - 1] = slot
+        slot += 1
+    table.flags.writeable = False
+    return table

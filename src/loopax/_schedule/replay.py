@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 
+from .offline import revolve_forward_slots
 from .online import forward_slots
 from .reverse import plain_advances, reverse_done, reverse_init, reverse_step
 
@@ -65,7 +66,11 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 def schedule(
-    num_steps: int, checkpoints: int, *, max_steps: int | None = None
+    num_steps: int,
+    checkpoints: int,
+    *,
+    max_steps: int | None = None,
+    known_length: bool = False,
 ) -> Schedule:
     """Replay the checkpointing schedule of a checkpointed loop of `num_steps` steps.
 
@@ -86,6 +91,12 @@ def schedule(
     - `max_steps`: the loop's bound on the number of steps, a non-negative int, or
         `None` (the default) for no bound. When `checkpoints >= max_steps`, every state
         is stored and nothing is recomputed.
+    - `known_length`: if True, replay a loop whose trip count is known before it
+        starts (`loopax.scan`, `loopax.fori_loop` with static bounds): its forward
+        sweep stores states where revolve's first sweep would
+        (`revolve_forward_slots`), so the whole gradient recomputes the offline optimum
+        $t(n + 1, c + 1) - n$ states. Default False: the online rule of
+        `loopax.while_loop`.
 
     **Returns:**
 
@@ -96,6 +107,8 @@ def schedule(
     if max_steps is not None:
         max_steps = _check_int("max_steps", max_steps, 0)
         num_steps = min(num_steps, max_steps)
+    if not isinstance(known_length, bool):
+        raise TypeError(f"`known_length` must be a bool, got {known_length!r}.")
     store_all = max_steps is not None and checkpoints >= max_steps
 
     actions: list[tuple[str, int, int]] = []
@@ -103,6 +116,8 @@ def schedule(
     # Forward sweep.
     if store_all:
         slots = tuple(range(num_steps))
+    elif known_length:
+        slots = revolve_forward_slots(num_steps, checkpoints).tolist()
     else:
         slots = forward_slots(checkpoints, num_steps)
     slot_pos = np.full((checkpoints,), -1, dtype=np.int32)
