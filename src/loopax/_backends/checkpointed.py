@@ -32,6 +32,7 @@ from .._schedule import (
     OnlineState,
     online_init,
     online_step,
+    plain_advances,
     reverse_done,
     reverse_init,
     reverse_step,
@@ -393,44 +394,69 @@ def _def_checkpointed_vjp(
         step = step_fn(p_diff, p_rest)
         init_stored = layout.stored(layout.state(s_diff, s_rest))
 
-        def restore(state, stack, slot):
-            """`state` with its stored leaves from `slot` of `stack` (-1: the initial state)."""
-            stored = lax.cond(
+        def restore(stack, slot):
+            """The stored leaves of the state in `slot` (-1: the initial state)."""
+            return lax.cond(
                 slot < 0, lambda: init_stored, lambda: _read_slot(stack, slot)
             )
-            return layout.with_stored(state, stored)
 
-        restore_slot, control = reverse_init(slot_pos, final[0], checkpoints, jnp)
-        state = restore(final, stack, restore_slot)
+        # The backward sweep carries only the stored (non-buffer) leaves. Every body
+        # call reads the *final* buffers, which by the buffer contract hold every value
+        # any step reads; the buffer writes of recomputed steps are dead code, so
+        # buffers are neither copied nor rewritten.
+        def full_state(stored):
+            return layout.with_stored(final, stored)
 
-        def reverse_iteration(carry):
-            state, stack, ct_state, ct_params, control = carry
+        def advance(stored):
+            return layout.stored(step(full_state(stored)))
+
+        def next_action(stored, control):
+            """Run the plain advances ahead (a tight loop of body calls, no
+            controller), then one controller step: a store-advance or a VJP."""
+            count = plain_advances(control, jnp)
+            _, stored = lax.while_loop(
+                lambda c: c[0] < count, lambda c: (c[0] + 1, advance(c[1])), (0, stored)
+            )
+            control = control._replace(cur=control.cur + count)
             action, control = reverse_step(control, jnp)
+            return stored, action, control
 
-            def do_vjp():
-                # The step's output carries the buffers on (same values as the final
-                # buffers, but threading them through keeps every write in place).
-                new_state, step_vjp = linearize(p_diff, p_rest, state)
-                new_ct_state, new_ct_params = apply_vjp(step_vjp, ct_state, ct_params)
-                new_state = restore(new_state, stack, action.restore_slot)
-                return new_state, new_ct_state, new_ct_params
-
-            def do_advance():
-                return step(state), ct_state, ct_params
-
-            state, ct_state, ct_params = lax.cond(action.is_vjp, do_vjp, do_advance)
-            # The stack is only read inside the branches and written out here: passing
-            # it through the branches made XLA copy the whole stack every iteration.
-            store = jnp.logical_not(action.is_vjp) & (action.store_slot >= 0)
+        def advance_and_store(carry):
+            stack, stored, action, control = carry
+            stored = advance(stored)
             stack = lax.cond(
-                store,
-                lambda: _write_slot(stack, action.store_slot, layout.stored(state)),
+                action.store_slot >= 0,
+                lambda: _write_slot(stack, action.store_slot, stored),
                 lambda: stack,
             )
-            return state, stack, ct_state, ct_params, control
+            return (stack, *next_action(stored, control))
 
+        def reverse_iteration(carry):
+            """Every advance up to the next VJP, then that VJP.
+
+            No stack- or buffer-sized value passes through a `lax.cond` with two live
+            branches: XLA copies such operands, which cost a copy of the stack (or of
+            a buffer's cotangent) per iteration."""
+            stored, stack, ct_state, ct_params, control = carry
+            stored, action, control = next_action(stored, control)
+            stack, stored, action, control = lax.while_loop(
+                lambda c: jnp.logical_not(c[2].is_vjp),
+                advance_and_store,
+                (stack, stored, action, control),
+            )
+            _, step_vjp = linearize(p_diff, p_rest, full_state(stored))
+            ct_state, ct_params = apply_vjp(step_vjp, ct_state, ct_params)
+            return (
+                restore(stack, action.restore_slot),
+                stack,
+                ct_state,
+                ct_params,
+                control,
+            )
+
+        restore_slot, control = reverse_init(slot_pos, final[0], checkpoints, jnp)
         carry = (
-            state,
+            restore(stack, restore_slot),
             stack,
             layout.state_diff_part(ct_final),
             [jnp.zeros_like(x) for x in p_diff],

@@ -16,6 +16,7 @@ from .replay import Schedule as Schedule, schedule as schedule
 from .reverse import (
     ReverseAction as ReverseAction,
     ReverseState as ReverseState,
+    plain_advances as plain_advances,
     reverse_done as reverse_done,
     reverse_init as reverse_init,
     reverse_step as reverse_step,

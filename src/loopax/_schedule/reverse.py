@@ -15,6 +15,8 @@ loop.
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .offline import cond, revolve_split
 
 
@@ -183,22 +185,25 @@ def _advance_store(state, xp):
     return action, ReverseState(slot_pos, cur, state.end, state.target)
 
 
-def plain_advances(state: ReverseState) -> int:
+def plain_advances(state: ReverseState, xp: Any = np) -> Any:
     """How many of the next `reverse_step` calls are plain advances (no store, no VJP):
     those up to the store target or, failing that, up to the next VJP. They change only
-    `cur`, so the eager replay emits them without calling `reverse_step`.
+    `cur`, so callers may run them without calling `reverse_step` (the eager replay, and
+    the compiled backward sweep, which runs them as a tight loop of body calls).
 
     **Arguments:**
 
-    - `state`: a `ReverseState` of NumPy values.
+    - `state`: a `ReverseState`.
+    - `xp`: `numpy` (the default) or `jax.numpy`.
 
     **Returns:**
 
-    A Python int.
+    An int32 scalar (a Python int for `numpy`).
     """
-    cur, end, target = int(state.cur), int(state.end), int(state.target)
-    stop = end - 1 if target <= cur else min(end - 1, target - 1)
-    return max(stop - cur, 0)
+    cur, end, target = state.cur, state.end, state.target
+    stop = xp.where(target <= cur, end - 1, xp.minimum(end - 1, target - 1))
+    count = xp.maximum(stop - cur, 0).astype(xp.int32)
+    return int(count) if xp is np else count
 
 
 def reverse_done(state: ReverseState, xp: Any) -> Any:
