@@ -30,6 +30,7 @@ from jaxtyping import Array
 
 from .._schedule import (
     OnlineState,
+    ReverseAction,
     online_init,
     online_step,
     plain_advances,
@@ -39,6 +40,11 @@ from .._schedule import (
 )
 from .._state import Loop, LoopState
 from .lax import lax_while_loop
+
+
+# `ReverseAction.store_slot` of the inner backward loop's initial action: no advance is
+# pending. (-1 means "advance without storing"; slots are >= 0.)
+_NO_ADVANCE = -2
 
 
 _NEEDS_CHECKPOINTS = (
@@ -422,8 +428,11 @@ def _def_checkpointed_vjp(
             return stored, action, control
 
         def advance_and_store(carry):
+            """Carry out the pending store-advance (if any), then find the next action."""
             stack, stored, action, control = carry
-            stored = advance(stored)
+            stored = lax.cond(
+                action.store_slot >= _NO_ADVANCE + 1, advance, lambda s: s, stored
+            )
             stack = lax.cond(
                 action.store_slot >= 0,
                 lambda: _write_slot(stack, action.store_slot, stored),
@@ -436,13 +445,20 @@ def _def_checkpointed_vjp(
 
             No stack- or buffer-sized value passes through a `lax.cond` with two live
             branches: XLA copies such operands, which cost a copy of the stack (or of
-            a buffer's cotangent) per iteration."""
+            a buffer's cotangent) per iteration. The inner loop starts from a "nothing
+            pending" action so that the body appears once per kind of use (plain
+            advance, store-advance, VJP) in the compiled program."""
             stored, stack, ct_state, ct_params, control = carry
-            stored, action, control = next_action(stored, control)
+            nothing = ReverseAction(
+                is_vjp=jnp.array(False),
+                step=jnp.array(0, jnp.int32),
+                store_slot=jnp.array(_NO_ADVANCE, jnp.int32),
+                restore_slot=jnp.array(-1, jnp.int32),
+            )
             stack, stored, action, control = lax.while_loop(
                 lambda c: jnp.logical_not(c[2].is_vjp),
                 advance_and_store,
-                (stack, stored, action, control),
+                (stack, stored, nothing, control),
             )
             _, step_vjp = linearize(p_diff, p_rest, full_state(stored))
             ct_state, ct_params = apply_vjp(step_vjp, ct_state, ct_params)
