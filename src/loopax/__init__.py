@@ -1,12 +1,17 @@
 """loopax: differentiable while loops for JAX."""
 
-import importlib.metadata
+from importlib.metadata import version as _version
 
 from ._buffer import Buffer as Buffer, buffer_at_set as buffer_at_set
 from ._fori_loop import fori_loop as fori_loop
 from ._scan import scan as scan
-from ._schedule import Schedule as Schedule, schedule as schedule
+from ._schedule import (
+    Schedule as Schedule,
+    checkpoints_for_budget as checkpoints_for_budget,
+    schedule as schedule,
+    suggest_checkpoints as suggest_checkpoints,
+)
 from ._while_loop import while_loop as while_loop
 
 
-__version__ = importlib.metadata.version("loopax")
+__version__ = _version("loopax")

@@ -1,11 +1,17 @@
-"""`python -m loopax`: differentiate a small adaptive neural ODE with every kind.
+"""`python -m loopax`: the demo, and the schedule inspector.
 
-Prints, per kind: steps taken, checkpoints, body evaluations (forward / recomputed /
-VJP), gradient time, XLA temp memory, and whether the gradient agrees with a
-full-storage reference (`lax.scan` over `lax.cond`). Exits with status 0 only if every
-gradient agrees.
+- `python -m loopax` (or `python -m loopax demo`): differentiate a small adaptive
+  neural ODE with every kind. Prints, per kind: steps taken, checkpoints, body
+  evaluations (forward / recomputed / VJP), gradient time, XLA temp memory, and
+  whether the gradient agrees with a full-storage reference (`lax.scan` over
+  `lax.cond`). Exits with status 0 only if every gradient agrees.
+- `python -m loopax schedule --steps 1000 --checkpoints 10 [--max-steps M]
+  [--known-length] [--plot out.png]`: print what one gradient through a checkpointed
+  loop costs (forward / recomputed / VJP / total body evaluations, recompute factor,
+  peak slots used), and optionally draw the schedule (needs matplotlib).
 """
 
+import argparse
 import sys
 import time
 
@@ -62,7 +68,7 @@ def _make_problem():
     return params, y0, loss, reference_loop
 
 
-def main() -> int:
+def demo() -> int:
     params, y0, loss, reference_loop = _make_problem()
     kinds = {
         "lax (jacfwd)": dict(kind="lax"),
@@ -144,6 +150,76 @@ def main() -> int:
         else "GRADIENT MISMATCH"
     )
     return 0 if all_ok else 1
+
+
+def schedule_command(args: argparse.Namespace) -> int:
+    try:
+        plan = loopax.schedule(
+            args.steps,
+            args.checkpoints,
+            max_steps=args.max_steps,
+            known_length=args.known_length,
+        )
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.render(timeline=args.timeline))
+    if args.plot is not None:
+        try:
+            plan.plot(args.plot)
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loopax",
+        description="loopax: differentiable while loops for JAX. Without a command, "
+        "runs the demo.",
+    )
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser(
+        "demo", help="differentiate a small adaptive neural ODE with every kind"
+    )
+    sched = commands.add_parser(
+        "schedule",
+        help="print the cost of one gradient through a checkpointed loop",
+        description="Replay the checkpointing schedule of one gradient through "
+        "loopax.while_loop(..., kind='checkpointed') (or loopax.scan with "
+        "--known-length) and print its cost.",
+    )
+    sched.add_argument("--steps", type=int, required=True, help="trip count n")
+    sched.add_argument(
+        "--checkpoints", type=int, required=True, help="number of checkpoint slots"
+    )
+    sched.add_argument(
+        "--max-steps", type=int, default=None, help="the loop's max_steps bound"
+    )
+    sched.add_argument(
+        "--known-length",
+        action="store_true",
+        help="trip count known up front (loopax.scan, loopax.fori_loop)",
+    )
+    sched.add_argument(
+        "--timeline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print every action (default: only for short schedules)",
+    )
+    sched.add_argument(
+        "--plot", metavar="PATH", default=None, help="draw the schedule into PATH"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "schedule":
+        return schedule_command(args)
+    return demo()
 
 
 if __name__ == "__main__":

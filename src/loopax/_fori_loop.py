@@ -8,7 +8,7 @@ reverse mode with `kind="checkpointed"` or `kind="bounded"`.
 
 import operator
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import jax.numpy as jnp
 
@@ -37,7 +37,8 @@ def fori_loop(
     init_val: _Carry,
     *,
     kind: Kind = "checkpointed",
-    checkpoints: int | None = None,
+    checkpoints: int | Literal["all", "auto"] | None = None,
+    memory_budget: int | str | None = None,
     max_steps: int | None = None,
     buffers: Callable[[_Carry], Any] | None = None,
     base: int = 16,
@@ -63,7 +64,10 @@ def fori_loop(
     - `init_val`: the initial value, any pytree of arrays (or array-likes).
     - `kind`: `"checkpointed"` (default), `"lax"` (forward mode only) or `"bounded"`.
     - `checkpoints`: for `kind="checkpointed"`, how many states the backward pass may
-        store besides `init_val` (`"all"` with static bounds: every step).
+        store besides `init_val` (`"all"` with static bounds: every step; `"auto"`
+        with `memory_budget`: as many as fit).
+    - `memory_budget`: with `checkpoints="auto"` only: the bytes the checkpoints may
+        take, an int or a string such as `"2GiB"`; see [`loopax.while_loop`][].
     - `max_steps`: a bound on the number of steps; required by `kind="bounded"` with
         traced bounds. With static bounds it is ignored by the scan path.
     - `buffers`: as for [`loopax.while_loop`][], a function from `val` to its
@@ -92,6 +96,7 @@ def fori_loop(
             checkpoints=checkpoints,
             base=base,
             buffers=buffers,
+            memory_budget=memory_budget,
             allow_all=True,
         )
 
@@ -108,6 +113,7 @@ def fori_loop(
             length,
             kind=kind,  # pyright: ignore[reportArgumentType]
             checkpoints=checkpoints,
+            memory_budget=memory_budget,
             buffers=scan_buffers,
         )
         return val
@@ -133,7 +139,8 @@ def fori_loop(
         lambda c: (c[0] + 1, c[1], body_fun(c[0], c[2])),
         (lower, upper, init_val),
         kind=kind,
-        checkpoints=checkpoints,
+        checkpoints=checkpoints,  # pyright: ignore[reportArgumentType]
+        memory_budget=memory_budget,
         max_steps=max_steps,
         buffers=while_buffers,
         base=base,

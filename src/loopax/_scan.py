@@ -21,7 +21,7 @@ import jax.tree_util as jtu
 from ._backends.checkpointed import checkpointed_while_loop, default_checkpoints
 from ._backends.lax import lax_while_loop
 from ._buffer import Buffer, buffer_at_set
-from ._schedule import revolve_forward_slots
+from ._schedule import checkpoints_for_budget, revolve_forward_slots
 from ._state import Loop
 from ._while_loop import check_loop_options
 
@@ -131,7 +131,8 @@ def scan(
     *,
     reverse: bool = False,
     kind: Literal["lax", "checkpointed"] = "checkpointed",
-    checkpoints: int | Literal["all"] | None = None,
+    checkpoints: int | Literal["all", "auto"] | None = None,
+    memory_budget: int | str | None = None,
     buffers: Callable[[_Carry], Any] | None = None,
 ) -> tuple[_Carry, _Y]:
     r"""A `jax.lax.scan` whose gradient stores only `checkpoints` carries.
@@ -165,8 +166,13 @@ def scan(
     - `kind`: `"checkpointed"` (default) or `"lax"`; see above.
     - `checkpoints`: for `kind="checkpointed"`, how many carries the backward pass may
         store besides `init`: a positive int, `"all"` to store every step (no
-        recomputation, the memory of `lax.scan`), or `None` (default) for
+        recomputation, the memory of `lax.scan`), `"auto"` with `memory_budget` for
+        as many as fit the budget, or `None` (default) for
         $\max(1, \lceil \log_2(n + 1) \rceil)$. Ignored by `kind="lax"`.
+    - `memory_budget`: with `checkpoints="auto"` only: the bytes the checkpoints may
+        take, an int or a string such as `"2GiB"`; the number of checkpoints is the
+        largest whose copies of the carry (buffers excluded) fit, at most `length`
+        (then every step is stored), as [`loopax.checkpoints_for_budget`][].
     - `buffers`: a function from the carry to the arrays in it that `f` writes at most
         once per index, as for [`loopax.while_loop`][]; inside `f` they are
         [`loopax.Buffer`][]s.
@@ -214,10 +220,19 @@ def scan(
         checkpoints=checkpoints,
         base=16,
         buffers=buffers,
+        memory_budget=memory_budget,
         allow_all=True,
     )
     del length
     init = jtu.tree_map(jnp.asarray, init)
+    if isinstance(checkpoints, str) and checkpoints == "auto":  # With `memory_budget`.
+        assert memory_budget is not None
+        checkpoints = None
+        if kind == "checkpointed":
+            checkpoints = checkpoints_for_budget(
+                init, memory_budget, buffers=buffers, max_steps=num_steps
+            )
+    del memory_budget
     x_struct = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
     y_struct = jax.eval_shape(lambda c, x: _check_f_output(c, f(c, x)), init, x_struct)
     ys = jtu.tree_map(lambda y: jnp.zeros((num_steps, *y.shape), y.dtype), y_struct)

@@ -2,7 +2,7 @@
 
 import operator
 from collections.abc import Callable
-from typing import Any, SupportsIndex, TypeVar
+from typing import Any, Literal, SupportsIndex, TypeVar
 
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -11,6 +11,7 @@ from ._backends.bounded import bounded_while_loop
 from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
 from ._custom_types import KINDS, Kind
+from ._schedule import checkpoints_for_budget, parse_memory_budget
 from ._state import Loop
 
 
@@ -52,12 +53,15 @@ def check_loop_options(
     checkpoints: Any,
     base: Any,
     buffers: Any,
+    memory_budget: Any = None,
     allow_all: bool = False,
 ) -> int | None:
     """Validate the options shared by every loopax front end; return `max_steps`.
 
-    With `allow_all` (front ends whose trip count is known), `checkpoints` may also be
-    the string `"all"`: store every step.
+    `checkpoints` may be the string `"auto"`, which needs `memory_budget` (and
+    `memory_budget` needs `checkpoints="auto"`). With `allow_all` (front ends whose
+    trip count is known), `checkpoints` may also be the string `"all"`: store every
+    step.
     """
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(
@@ -73,7 +77,9 @@ def check_loop_options(
         optional=True,
         hint="Pass an int bound on the number of body calls, or None for no bound.",
     )
-    if not (allow_all and isinstance(checkpoints, str) and checkpoints == "all"):
+    named = ("all", "auto") if allow_all else ("auto",)
+    auto = isinstance(checkpoints, str) and checkpoints == "auto"
+    if not (isinstance(checkpoints, str) and checkpoints in named):
         _check_int(
             "checkpoints",
             checkpoints,
@@ -81,8 +87,22 @@ def check_loop_options(
             optional=True,
             hint="Pass how many loop states the backward pass may store (e.g. 16), "
             + ("'all' to store every step, " if allow_all else "")
+            + "'auto' with `memory_budget=` to fit a memory budget, "
             + "or None for the default.",
         )
+    if auto and memory_budget is None:
+        raise ValueError(
+            "checkpoints='auto' needs `memory_budget`: pass the bytes the checkpoints "
+            'may take, e.g. `memory_budget="2GiB"`, or an int `checkpoints=`.'
+        )
+    if memory_budget is not None:
+        if not auto:
+            raise ValueError(
+                f"`memory_budget` is used only with checkpoints='auto', got "
+                f"checkpoints={checkpoints!r}. Pass checkpoints='auto' to choose the "
+                "number of checkpoints from the budget, or drop `memory_budget`."
+            )
+        parse_memory_budget(memory_budget)
     _check_int(
         "base",
         base,
@@ -117,7 +137,8 @@ def while_loop(
     *,
     max_steps: int | None = None,
     kind: Kind = "checkpointed",
-    checkpoints: int | None = None,
+    checkpoints: int | Literal["auto"] | None = None,
+    memory_budget: int | str | None = None,
     buffers: Callable[[_Carry], Any] | None = None,
     base: int = 16,
 ) -> _Carry:
@@ -145,7 +166,18 @@ def while_loop(
       bound, not an error). Required for `kind="bounded"`.
     - `kind`: `"lax"`, `"checkpointed"` (default) or `"bounded"`; see above.
     - `checkpoints`: for `kind="checkpointed"`, how many loop states the backward pass
-      may store, besides the initial value. Ignored by the other kinds.
+      may store, besides the initial value: a positive int; `"auto"` with
+      `memory_budget` for as many as fit the budget
+      ([`loopax.checkpoints_for_budget`][]); or `None` (default):
+      `max(1, ceil(log2(max_steps + 1)))` when `max_steps` is
+      given, else reverse mode raises an error asking for one. Ignored by the other
+      kinds. [`loopax.schedule`][] shows what a choice costs, and
+      [`loopax.suggest_checkpoints`][] picks one from a recompute target.
+    - `memory_budget`: with `checkpoints="auto"` only: the bytes the checkpoints may
+      take, an int or a string such as `"2GiB"`, `"512MB"`, `"1.5 GB"`. The number of
+      checkpoints is the largest whose copies of the carry (buffers excluded, sizes
+      read at trace time) fit, at most `max_steps` (then every step is stored). A
+      `ValueError` says so if not even one fits.
     - `buffers`: a function from the carry to the arrays in it (a node, a sequence of
       nodes, possibly containing `None`) that the body writes at most once per index.
       Inside `cond_fun`/`body_fun` they appear as [`loopax.Buffer`][]s.
@@ -168,8 +200,17 @@ def while_loop(
         checkpoints=checkpoints,
         base=base,
         buffers=buffers,
+        memory_budget=memory_budget,
     )
     init_val = jtu.tree_map(jnp.asarray, init_val)
+    if isinstance(checkpoints, str):  # "auto"; validated: `memory_budget` is given.
+        assert memory_budget is not None
+        checkpoints = None
+        if kind == "checkpointed":
+            checkpoints = checkpoints_for_budget(
+                init_val, memory_budget, buffers=buffers, max_steps=max_steps
+            )
+    del memory_budget
     loop = Loop(cond_fun, body_fun, init_val, max_steps, buffers)
     del cond_fun, body_fun, init_val, buffers
     if kind == "lax":

@@ -1,6 +1,11 @@
 """Pure checkpointing policy: the online rule of the forward sweep, the offline
 (revolve) rule of the backward sweep, and `schedule`, which replays both."""
 
+from .budget import (
+    carry_bytes as carry_bytes,
+    checkpoints_for_budget as checkpoints_for_budget,
+    parse_memory_budget as parse_memory_budget,
+)
 from .offline import (
     beta as beta,
     revolve_cost as revolve_cost,
@@ -21,3 +26,4 @@ from .reverse import (
     reverse_init as reverse_init,
     reverse_step as reverse_step,
 )
+from .suggest import suggest_checkpoints as suggest_checkpoints

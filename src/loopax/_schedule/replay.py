@@ -1,9 +1,13 @@
 """`loopax.schedule`: replay the checkpointing schedule of the compiled loop."""
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from . import picture
+from .budget import carry_bytes
 from .offline import revolve_forward_slots
 from .online import forward_slots
 from .reverse import plain_advances, reverse_done, reverse_init, reverse_step
@@ -32,6 +36,12 @@ class Schedule:
         `lax.scan`, the forward sweep stores each step's VJP residuals (slot `k - 1`
         holds those of step `k - 1`), so a `"vjp"` runs only the linear part of the
         VJP and does not call the body again.
+    - `known_length`: True if the forward sweep used revolve's placement for a trip
+        count known up front (`loopax.scan`), False for the online rule.
+    - `max_steps`: the loop's bound on the number of steps, or `None`.
+
+    `str(schedule)` (or `schedule.render()`) gives a readable summary and, for short
+    loops, the timeline; `schedule.plot()` draws it.
     """
 
     num_steps: int
@@ -42,10 +52,76 @@ class Schedule:
     num_vjp: int
     peak_slots_used: int
     stores_residuals: bool = False
+    known_length: bool = False
+    max_steps: int | None = None
 
     @property
     def total_evaluations(self) -> int:
         return self.num_forward + self.num_recomputed + self.num_vjp
+
+    @property
+    def recompute_factor(self) -> float:
+        """Total body evaluations divided by `2 n`, the evaluations of a gradient that
+        stores everything (`n` forward, `n` VJPs): 1.0 means nothing is recomputed,
+        2.0 that the gradient evaluates the body twice as often. 1.0 for `n = 0`."""
+        if self.num_steps == 0:
+            return 1.0
+        return self.total_evaluations / (2 * self.num_steps)
+
+    def peak_memory(
+        self, carry: Any, *, buffers: Callable[[Any], Any] | None = None
+    ) -> int:
+        """The bytes the checkpoints of this schedule take at their peak, for the
+        example `carry`: `peak_slots_used` times the bytes of the carry's array leaves.
+
+        **Arguments:**
+
+        - `carry`: an example carry: a pytree of arrays, array-likes or
+            `jax.ShapeDtypeStruct`s (only shapes and dtypes are read).
+        - `buffers`: as for [`loopax.while_loop`][]: a function from the carry to its
+            write-once arrays. Buffers are never stored in checkpoints, so they are
+            excluded.
+
+        **Returns:**
+
+        An int, in bytes. It counts the stored carries only: not the buffers (kept
+        once whatever the schedule), not the loop's 4-byte step counter per slot, not
+        the body's own working memory. On the store-all path (`stores_residuals`)
+        the slots hold each step's VJP residuals, which may be larger than the carry.
+        """
+        return self.peak_slots_used * carry_bytes(carry, buffers)
+
+    def render(self, *, timeline: bool | None = None) -> str:
+        """A readable summary: evaluations (forward / recomputed / VJP / total), the
+        recompute factor and the peak slots used; then, if `timeline` (by default:
+        when there are at most 240 actions), every action in order."""
+        return picture.render(self, timeline=timeline)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def plot(self, path: Any = None, *, ax: Any = None) -> Any:
+        """Draw the schedule: the classic checkpointing picture.
+
+        Time (body evaluations, in order) runs left to right and the step `k` of the
+        current state `x_k` bottom to top. The forward sweep climbs from `x_0` to
+        `x_n`; the backward sweep alternates recomputations (climbing again from a
+        restored checkpoint) and VJPs (one step down each). Grey bars show how long
+        each checkpoint is held, dots its save, dotted lines and triangles the
+        restores. Needs matplotlib (`pip install 'loopax[plot]'`), imported only
+        here.
+
+        **Arguments:**
+
+        - `path`: if given, the figure is also saved there (any format matplotlib
+            knows from the suffix, e.g. `"schedule.png"`, `"schedule.svg"`).
+        - `ax`: a matplotlib `Axes` to draw into; by default a new figure.
+
+        **Returns:**
+
+        The `matplotlib.figure.Figure`.
+        """
+        return picture.plot(self, path, ax=ax)
 
     @property
     def body_calls(self) -> tuple[int, ...]:
@@ -161,4 +237,6 @@ def schedule(
         num_vjp=num_steps,
         peak_slots_used=peak,
         stores_residuals=store_all,
+        known_length=known_length,
+        max_steps=max_steps,
     )
