@@ -57,3 +57,52 @@ def write_json(name: str, payload) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), "results": payload}, indent=2))
     return path
+
+
+def measure_interleaved(
+    fns: dict, *args, repeats: int = 5, min_time: float = 0.2
+) -> dict[str, dict]:
+    """Compile `jax.jit(fn)` for each of `fns` on `args`, then time them round by round.
+
+    Interleaving the competitors (one run of each per round) means a change in the
+    load of a shared machine affects them alike, so their ratios stay meaningful.
+    Rounds are repeated until `min_time` has passed (at least `repeats` rounds).
+    Returns, per name: compile seconds, median run seconds (wall clock and process
+    CPU time), the fastest run (wall clock), and XLA temp bytes
+    (`memory_analysis().temp_size_in_bytes`).
+    """
+    compiled, out = {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        compiled[name] = jax.jit(fn).lower(*args).compile()
+        memory = compiled[name].memory_analysis()
+        out[name] = {
+            "compile_s": time.perf_counter() - start,
+            "temp_bytes": None if memory is None else memory.temp_size_in_bytes,
+        }
+        jax.block_until_ready(compiled[name](*args))  # warm-up, not counted
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    begin = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or time.perf_counter() - begin < min_time:
+        for name in fns:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(compiled[name](*args))
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+        rounds += 1
+    for name in fns:
+        out[name]["run_s"] = statistics.median(wall[name])
+        out[name]["run_cpu_s"] = statistics.median(cpu[name])
+        out[name]["run_min_s"] = min(wall[name])
+        out[name]["rounds"] = rounds
+    return out
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISSED")

@@ -14,7 +14,9 @@ A second workload has a large state (2**20 float32, a cheap stencil body), where
 memory traffic dominates: gradient time and temp memory vs Equinox at c in {4, 16}
 (N = 1000 steps; 200 with `--quick`).
 
-Run: `python benchmarks/against_equinox.py [--quick]`.
+Run: `python benchmarks/against_equinox.py [--quick] [--large-steps N] [--large-only]`
+(`--large-only`: the large-state workload alone; `neural_ode.py` covers the ODE at
+more N and checkpoints).
 """
 
 import argparse
@@ -24,7 +26,13 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
-from _common import compile_and_time, machine, print_table, write_json
+from _common import (
+    compile_and_time,
+    machine,
+    measure_interleaved,
+    print_table,
+    write_json,
+)
 
 import loopax
 
@@ -76,7 +84,24 @@ def make_problem(num_steps: int):
     return params, y0, make_loss, scan_loss
 
 
-def main(quick: bool):
+def main(quick: bool, large_steps: int | None = None, large_only: bool = False):
+    if large_steps is None:
+        large_steps = 200 if quick else 1000
+    if large_only:
+        # Three interleaved rounds even when quick: one round is at the mercy of load.
+        large_rows = large_state(num_steps=large_steps, repeats=3)
+        print_large(large_rows)
+        ratios = {}
+        for r in large_rows:
+            c = r["checkpoints"]
+            ratios[f"large state grad loopax / equinox (c={c})"] = r["time_ratio"]
+            ratios[f"large state temp loopax / equinox (c={c})"] = r["temp_ratio"]
+        for k, v in ratios.items():
+            print(f"{k}: {v:.3f}")
+        write_json(
+            "against_equinox", {"rows": [], "large_state": large_rows, "ratios": ratios}
+        )
+        return
     num_steps = 1000
     params, y0, make_loss, scan_loss = make_problem(num_steps)
     grad = lambda loss: jax.grad(loss, argnums=(0, 1))
@@ -146,9 +171,7 @@ def main(quick: bool):
         "grad lax.scan + checkpoint per step", grad(lambda p, y: scan_loss(p, y, True))
     )
     ratios["grad loopax store-all / lax.scan"] = full / scan
-    large_rows = large_state(
-        num_steps=200 if quick else 1000, repeats=1 if quick else 3
-    )
+    large_rows = large_state(num_steps=large_steps, repeats=1 if quick else 3)
     for r in large_rows:
         c = r["checkpoints"]
         ratios[f"large state grad loopax / equinox (c={c})"] = r["time_ratio"]
@@ -159,6 +182,15 @@ def main(quick: bool):
     )
     print(f"# carry bytes: {carry_bytes}")
     print_table(rows, ["variant", "compile_s", "run_s", "temp_bytes"])
+    print_large(large_rows)
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+    write_json(
+        "against_equinox", {"rows": rows, "large_state": large_rows, "ratios": ratios}
+    )
+
+
+def print_large(large_rows: list[dict]) -> None:
     print(
         "# large state (2**20 float32, stencil body); temp memory in units of the carry"
     )
@@ -170,19 +202,15 @@ def main(quick: bool):
             "loopax_s",
             "equinox_s",
             "time_ratio",
+            "cpu_time_ratio",
             "loopax_temp_carries",
             "equinox_temp_carries",
             "bound_c_plus_3",
         ],
     )
-    for k, v in ratios.items():
-        print(f"{k}: {v:.3f}")
-    write_json(
-        "against_equinox", {"rows": rows, "large_state": large_rows, "ratios": ratios}
-    )
 
 
-def large_state(num_steps: int, repeats: int) -> list[dict]:
+def large_state(num_steps: int, repeats: int, checkpoints=(4, 16)) -> list[dict]:
     size = 2**20
     carry_bytes = 4 * size + 4
 
@@ -199,39 +227,43 @@ def large_state(num_steps: int, repeats: int) -> list[dict]:
 
     y0 = jnp.ones(size)
     rows = []
-    for c in [4, 16]:
-        ours = compile_and_time(
-            make(lambda cf, b, x, c=c: loopax.while_loop(cf, b, x, checkpoints=c)),
+    for c in checkpoints:
+        # Interleaved: one run of each per round, so load changes hit both alike.
+        out = measure_interleaved(
+            {
+                "loopax": make(
+                    lambda cf, b, x, c=c: loopax.while_loop(cf, b, x, checkpoints=c)
+                ),
+                "equinox": make(
+                    lambda cf, b, x, c=c: eqxi.while_loop(
+                        cf,
+                        b,
+                        x,
+                        kind="checkpointed",
+                        checkpoints=c,
+                        max_steps=4 * num_steps,
+                    )
+                ),
+            },
             y0,
             repeats=repeats,
             min_time=0,
         )
-        theirs = compile_and_time(
-            make(
-                lambda cf, b, x, c=c: eqxi.while_loop(
-                    cf,
-                    b,
-                    x,
-                    kind="checkpointed",
-                    checkpoints=c,
-                    max_steps=4 * num_steps,
-                )
-            ),
-            y0,
-            repeats=repeats,
-            min_time=0,
-        )
+        ours, theirs = out["loopax"], out["equinox"]
         rows.append(
             {
                 "checkpoints": c,
                 "num_steps": num_steps,
-                "loopax_s": ours[1],
-                "equinox_s": theirs[1],
-                "time_ratio": ours[1] / theirs[1],
-                "loopax_temp_carries": ours[2] / carry_bytes,
-                "equinox_temp_carries": theirs[2] / carry_bytes,
+                "loopax_s": ours["run_s"],
+                "equinox_s": theirs["run_s"],
+                "time_ratio": ours["run_s"] / theirs["run_s"],
+                "cpu_time_ratio": ours["run_cpu_s"] / theirs["run_cpu_s"],
+                "loopax_compile_s": ours["compile_s"],
+                "equinox_compile_s": theirs["compile_s"],
+                "loopax_temp_carries": ours["temp_bytes"] / carry_bytes,
+                "equinox_temp_carries": theirs["temp_bytes"] / carry_bytes,
                 "bound_c_plus_3": c + 3,
-                "temp_ratio": ours[2] / theirs[2],
+                "temp_ratio": ours["temp_bytes"] / theirs["temp_bytes"],
             }
         )
     return rows
@@ -240,4 +272,11 @@ def large_state(num_steps: int, repeats: int) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    main(parser.parse_args().quick)
+    parser.add_argument(
+        "--large-steps", type=int, default=None, help="N of the large-state workload"
+    )
+    parser.add_argument(
+        "--large-only", action="store_true", help="only the large-state workload"
+    )
+    args = parser.parse_args()
+    main(args.quick, args.large_steps, args.large_only)

@@ -14,7 +14,8 @@ replay of the very controllers the compiled loop runs. With `--measure`, a few p
 are also measured: the body calls of a compiled `jax.grad` are counted with an ordered
 `jax.debug.callback`, showing that the replay is what the compiled loop does.
 
-Run: `python benchmarks/recompute.py [--measure]`. Prints a table and writes
+Run: `python benchmarks/recompute.py [--measure] [--quick]` (`--quick` changes
+nothing: it is always quick). Prints a table and writes
 `benchmarks/results/recompute.json`.
 """
 
@@ -88,6 +89,9 @@ def main() -> None:
         "--measure",
         action="store_true",
         help="also count body calls of a compiled jax.grad at a few points",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="accepted for uniformity (always quick)"
     )
     args = parser.parse_args()
 
