@@ -106,3 +106,25 @@ def device_kind() -> str:
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "MISSED")
+
+
+def mlp_params(key, state: int, width: int) -> dict:
+    """Weights of the neural-ODE vector field `w2 @ tanh(w1 @ y)`, scaled to O(1)."""
+    k1, k2 = jax.random.split(key)
+    return {
+        "w1": jax.random.normal(k1, (width, state)) / state**0.5,
+        "w2": jax.random.normal(k2, (state, width)) / width**0.5,
+    }
+
+
+def rk4_step(params: dict, y, dt: float):
+    """One classical Runge–Kutta step of the neural ODE `dy/dt = w2 @ tanh(w1 @ y)`."""
+
+    def vector_field(y):
+        return params["w2"] @ jax.numpy.tanh(params["w1"] @ y)
+
+    k1 = vector_field(y)
+    k2 = vector_field(y + 0.5 * dt * k1)
+    k3 = vector_field(y + 0.5 * dt * k2)
+    k4 = vector_field(y + dt * k3)
+    return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)

@@ -30,7 +30,9 @@ from _common import (
     compile_and_time,
     machine,
     measure_interleaved,
+    mlp_params,
     print_table,
+    rk4_step,
     write_json,
 )
 
@@ -41,24 +43,14 @@ STATE, WIDTH = 64, 128
 
 
 def make_problem(num_steps: int):
-    k1, k2, k3 = jr.split(jr.PRNGKey(0), 3)
-    params = {
-        "w1": jr.normal(k1, (WIDTH, STATE)) / STATE**0.5,
-        "w2": jr.normal(k2, (STATE, WIDTH)) / WIDTH**0.5,
-    }
+    k_params, k3 = jr.split(jr.PRNGKey(0))
+    params = mlp_params(k_params, STATE, WIDTH)
     y0 = jr.normal(k3, (STATE,))
     dt = 1.0 / num_steps
     t1 = 1.0 - 0.5 * dt  # Stop on t >= t1: exactly num_steps steps.
 
-    def vector_field(p, y):
-        return p["w2"] @ jnp.tanh(p["w1"] @ y)
-
     def rk4(p, y):
-        k1 = vector_field(p, y)
-        k2 = vector_field(p, y + 0.5 * dt * k1)
-        k3 = vector_field(p, y + 0.5 * dt * k2)
-        k4 = vector_field(p, y + dt * k3)
-        return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return rk4_step(p, y, dt)
 
     def make_loss(while_loop):
         def loss(p, y0):

@@ -29,7 +29,14 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
-from _common import machine, measure_interleaved, print_table, write_json
+from _common import (
+    machine,
+    measure_interleaved,
+    mlp_params,
+    print_table,
+    rk4_step,
+    write_json,
+)
 
 import loopax
 from loopax._backends.checkpointed import default_checkpoints
@@ -39,11 +46,8 @@ STATE, WIDTH, BATCH = 64, 128, 32
 
 
 def make_problem(num_steps: int, same_stop: bool = False):
-    k1, k2, k3 = jr.split(jr.PRNGKey(0), 3)
-    params = {
-        "w1": jr.normal(k1, (WIDTH, STATE)) / STATE**0.5,
-        "w2": jr.normal(k2, (STATE, WIDTH)) / WIDTH**0.5,
-    }
+    k_params, k3 = jr.split(jr.PRNGKey(0))
+    params = mlp_params(k_params, STATE, WIDTH)
     y0s = jr.normal(k3, (BATCH, STATE))
     dt = 1.0 / num_steps
     # Element b stops after round(N/2 + b/(BATCH-1) * N/2) steps.
@@ -52,15 +56,8 @@ def make_problem(num_steps: int, same_stop: bool = False):
         stops = jnp.full(BATCH, float(num_steps))
     t1s = (stops - 0.5) * dt
 
-    def vector_field(p, y):
-        return p["w2"] @ jnp.tanh(p["w1"] @ y)
-
     def rk4(p, y):
-        k1 = vector_field(p, y)
-        k2 = vector_field(p, y + 0.5 * dt * k1)
-        k3 = vector_field(p, y + 0.5 * dt * k2)
-        k4 = vector_field(p, y + dt * k3)
-        return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return rk4_step(p, y, dt)
 
     def make_loss(while_loop):
         def one(p, y0, t1):
