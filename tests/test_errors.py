@@ -251,3 +251,28 @@ def test_buffers_fails_on_carry(kind):
         TypeError, match=r"`buffers` must be a function .* calling it failed with"
     ):
         _loop(**loop_kwargs(kind, buffers=lambda c: c["missing"]))
+
+
+def test_max_steps_beyond_int32_is_rejected():
+    with pytest.raises(ValueError, match=r"`max_steps` must be at most 2\*\*31 - 1"):
+        loopax.while_loop(
+            lambda c: c < 3, lambda c: c + 1, jnp.array(0), max_steps=2**31
+        )
+    # The largest int32 bound itself works.
+    out = loopax.while_loop(
+        lambda c: c < 3, lambda c: c + 1, jnp.array(0), kind="lax", max_steps=2**31 - 1
+    )
+    assert int(out) == 3
+
+
+@pytest.mark.parametrize("kind", ["lax", "checkpointed", "bounded"])
+def test_nan_carry_ends_at_max_steps(kind):
+    """A NaN carry whose predicate stays True still stops at `max_steps`, without hanging."""
+    out = loopax.while_loop(
+        lambda c: c[0] < 100,
+        lambda c: (c[0] + 1, c[1] + jnp.nan),
+        (0, jnp.array(0.0)),
+        kind=kind,
+        max_steps=5,
+    )
+    assert int(out[0]) == 5 and bool(jnp.isnan(out[1]))

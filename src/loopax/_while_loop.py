@@ -18,6 +18,9 @@ from ._state import Loop
 _Carry = TypeVar("_Carry")
 
 
+_MAX_STEPS_LIMIT = 2**31 - 1
+
+
 def _check_int(
     name: str, value: Any, *, minimum: int, optional: bool, hint: str
 ) -> int | None:
@@ -77,6 +80,13 @@ def check_loop_options(
         optional=True,
         hint="Pass an int bound on the number of body calls, or None for no bound.",
     )
+    if max_steps is not None and max_steps > _MAX_STEPS_LIMIT:
+        # The step counter is an int32: a larger bound would overflow it silently.
+        raise ValueError(
+            f"`max_steps` must be at most 2**31 - 1 = {_MAX_STEPS_LIMIT} (loops count "
+            f"their steps in int32), got {max_steps}. Pass a smaller bound, or "
+            "`max_steps=None` for no bound."
+        )
     named = ("all", "auto") if allow_all else ("auto",)
     auto = isinstance(checkpoints, str) and checkpoints == "auto"
     if not (isinstance(checkpoints, str) and checkpoints in named):
