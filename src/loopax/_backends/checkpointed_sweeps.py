@@ -1,0 +1,276 @@
+"""The sweeps of the checkpointed kind, on flat lists of arrays.
+
+The primitives in `checkpointed_primitive.py` decide *what* runs; this module is
+*how*: the forward sweeps that record what the backward sweeps need, and the
+backward sweeps themselves. Everything here is written against small callables
+(`step`, `keep_going`, `advance`, `transpose_step`), never against jaxprs.
+
+The backward sweeps build their loops with `while_loop`, which the primitive module
+injects (it binds the checkpointed loop primitive), so that a backward sweep can
+itself be differentiated in reverse with bounded memory.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from .._schedule import (
+    OnlineState,
+    ReverseAction,
+    online_init,
+    online_step,
+    plain_advances,
+    reverse_done,
+    reverse_init,
+    reverse_step,
+)
+
+
+# `ReverseAction.store_slot` of the inner backward loop's initial action: no advance is
+# pending. (-1 means "advance without storing"; slots are >= 0.)
+_NO_ADVANCE = -2
+
+Leaves = list[Array]
+WhileLoop = Callable[[Callable, Callable, Any], Any]
+
+
+def pick(leaves: Sequence[Any], mask: Sequence[bool], want: bool = True) -> list:
+    """The entries of `leaves` where `mask` equals `want`."""
+    return [x for x, m in zip(leaves, mask, strict=True) if m == want]
+
+
+def merge(mask: Sequence[bool], when_true: Sequence[Any], when_false: Sequence[Any]):
+    """The inverse of `pick`: interleave two lists back into `mask`'s order."""
+    true, false = iter(when_true), iter(when_false)
+    out = [next(true) if m else next(false) for m in mask]
+    if next(true, None) is not None or next(false, None) is not None:
+        raise AssertionError(
+            "loopax internal error: merge lengths; please report a bug."
+        )
+    return out
+
+
+def _write_slot(stack: Leaves, slot, leaves: Leaves) -> Leaves:
+    return [s.at[slot].set(x) for s, x in zip(stack, leaves, strict=True)]
+
+
+def _read_slot(stack: Leaves, slot) -> Leaves:
+    return [s[slot] for s in stack]
+
+
+# -- forward sweeps -------------------------------------------------------------------
+
+
+def plain_forward(step: Callable, keep_going: Callable, init: Leaves) -> Leaves:
+    """The undifferentiated loop: exactly a `lax.while_loop`."""
+    return lax.while_loop(keep_going, lambda c: step(c)[0], list(init))
+
+
+def recording_forward(
+    step: Callable,
+    keep_going: Callable,
+    init: Leaves,
+    is_stored: Sequence[bool],
+    checkpoints: int,
+    forward_slots: Sequence[int] | None,
+) -> tuple[Leaves, Leaves, Array]:
+    """The loop, also storing states in `checkpoints` slots.
+
+    After each step the online rule (or the precomputed `forward_slots` table, for a
+    loop of known length) says whether to store the new state and into which slot;
+    the store is a `lax.cond`, so steps that do not save never touch the stack. Only
+    the leaves marked `is_stored` (everything but buffers) are stored.
+
+    Returns the final state, the stack (one array per stored leaf) and `slot_pos`, the
+    step of the state held by each slot (-1: free).
+    """
+
+    def choose_slot(online: OnlineState, k):
+        if forward_slots is None:
+            return online_step(online, k, jnp)
+        slot = jnp.asarray(forward_slots, dtype=jnp.int32)[k - 1]
+        slots = jnp.arange(checkpoints, dtype=jnp.int32)
+        slot_pos = jnp.where(slots == slot, k, online.slot_pos).astype(jnp.int32)
+        return slot, OnlineState(slot_pos)
+
+    stack = [
+        jnp.zeros((checkpoints, *jnp.shape(x)), jnp.result_type(x))
+        for x in pick(init, is_stored)
+    ]
+
+    def forward_step(carry):
+        state, stack, online = carry
+        state = step(state)[0]
+        slot, online = choose_slot(online, state[0])  # state[0]: the step counter.
+        stack = lax.cond(
+            slot >= 0,
+            lambda: _write_slot(stack, slot, pick(state, is_stored)),
+            lambda: stack,
+        )
+        return state, stack, online
+
+    final, stack, online = lax.while_loop(
+        lambda c: keep_going(c[0]),
+        forward_step,
+        (list(init), stack, online_init(checkpoints, jnp)),
+    )
+    return final, stack, online.slot_pos
+
+
+def per_step_forward(
+    step: Callable, keep_going: Callable, init: Leaves, ys_shapes, max_steps: int
+) -> tuple[Leaves, Leaves]:
+    """The loop, also writing each step's extra outputs `ys` to row `k` of an array of
+    `max_steps` rows (like `lax.scan`'s stacked outputs). Rows past the last step are
+    zero."""
+    stacks = [jnp.zeros((max_steps, *y.shape), y.dtype) for y in ys_shapes]
+
+    def forward_step(carry):
+        state, stacks = carry
+        k = state[0]
+        state, ys = step(state)
+        return state, _write_slot(stacks, k, ys)
+
+    final, stacks = lax.while_loop(
+        lambda c: keep_going(c[0]), forward_step, (list(init), stacks)
+    )
+    return final, stacks
+
+
+# -- backward sweeps ------------------------------------------------------------------
+
+
+def checkpointed_backward(
+    *,
+    while_loop: WhileLoop,
+    advance: Callable[[Leaves], Leaves],
+    transpose_step: Callable[[Leaves, Leaves], tuple[Leaves, Leaves]],
+    is_stored: Sequence[bool],
+    init: Leaves,
+    final: Leaves,
+    stack: Leaves,
+    slot_pos: Array,
+    checkpoints: int,
+    ct_final: Leaves,
+    ct_consts: Leaves,
+    stack_injection: Callable[[Any, Leaves], Leaves] | None = None,
+) -> tuple[Leaves, Leaves]:
+    """Revolve reversal from the recorded checkpoints.
+
+    - `advance(state) -> state`: one plain step of the (known, primal) loop.
+    - `transpose_step(state, ct) -> (ct_before, ct_consts)`: the transposed linear
+      step at `state` (the VJP of one step).
+    - `init`, `final`: the loop's first and last (known) states; `stack`, `slot_pos`:
+      what `recording_forward` stored.
+    - `stack_injection(k, ct) -> ct`: adds the cotangent of the state `x_k` coming
+      from the recorded stack itself (when the stack is an output being
+      differentiated); `None` when it is not.
+
+    One `while_loop` executes the reverse controller (`_schedule/reverse.py`): each
+    iteration runs every advance up to the next VJP (plain advances as a tight
+    inner loop), then that VJP, then restores the next state from a slot. The sweep
+    carries only the stored (non-buffer) leaves: every step reads the *final*
+    buffers, which by the buffer contract hold every value any step reads.
+
+    Returns the cotangents of the initial state and of the constants.
+    """
+    init_stored = pick(init, is_stored)
+
+    def restore(stack, slot):
+        """The stored leaves of the state in `slot` (-1: the initial state)."""
+        return lax.cond(slot < 0, lambda: init_stored, lambda: _read_slot(stack, slot))
+
+    def full_state(stored):
+        return merge(is_stored, stored, pick(final, is_stored, False))
+
+    def advance_stored(stored):
+        return pick(advance(full_state(stored)), is_stored)
+
+    def next_action(stored, control):
+        """Run the plain advances ahead (a tight loop of body calls, no controller),
+        then one controller step: a store-advance or a VJP."""
+        count = plain_advances(control, jnp)
+        _, stored = while_loop(
+            lambda c: c[0] < count,
+            lambda c: (c[0] + 1, advance_stored(c[1])),
+            (jnp.int32(0), stored),
+        )
+        control = control._replace(cur=control.cur + count)
+        action, control = reverse_step(control, jnp)
+        return stored, action, control
+
+    def advance_and_store(carry):
+        """Carry out the pending store-advance (if any), then find the next action."""
+        stack, stored, action, control = carry
+        stored = lax.cond(
+            action.store_slot >= _NO_ADVANCE + 1, advance_stored, lambda s: s, stored
+        )
+        stack = lax.cond(
+            action.store_slot >= 0,
+            lambda: _write_slot(stack, action.store_slot, stored),
+            lambda: stack,
+        )
+        return (stack, *next_action(stored, control))
+
+    def reverse_iteration(carry):
+        """Every advance up to the next VJP, then that VJP.
+
+        No stack- or buffer-sized value passes through a `lax.cond` with two live
+        branches: XLA copies such operands, which would cost a copy of the stack (or
+        of a buffer's cotangent) per iteration. The inner loop starts from a "nothing
+        pending" action so that the body appears once per kind of use (plain advance,
+        store-advance, VJP) in the compiled program."""
+        stored, stack, ct_state, ct_consts, control = carry
+        nothing = ReverseAction(
+            is_vjp=jnp.array(False),
+            step=jnp.array(0, jnp.int32),
+            store_slot=jnp.array(_NO_ADVANCE, jnp.int32),
+            restore_slot=jnp.array(-1, jnp.int32),
+        )
+        stack, stored, action, control = while_loop(
+            lambda c: jnp.logical_not(c[2].is_vjp),
+            advance_and_store,
+            (stack, stored, nothing, control),
+        )
+        if stack_injection is not None:
+            ct_state = stack_injection(action.step + 1, ct_state)
+        ct_state, ct_step_consts = transpose_step(full_state(stored), ct_state)
+        ct_consts = [a + b for a, b in zip(ct_consts, ct_step_consts, strict=True)]
+        return restore(stack, action.restore_slot), stack, ct_state, ct_consts, control
+
+    restore_slot, control = reverse_init(slot_pos, final[0], checkpoints, jnp)
+    carry = (restore(stack, restore_slot), stack, ct_final, ct_consts, control)
+    _, _, ct_init, ct_consts, _ = while_loop(
+        lambda c: jnp.logical_not(reverse_done(c[-1], jnp)), reverse_iteration, carry
+    )
+    return ct_init, ct_consts
+
+
+def per_step_backward(
+    *,
+    while_loop: WhileLoop,
+    transpose_step: Callable[[Any, Leaves], tuple[Leaves, Leaves]],
+    num_steps: Array,
+    ct_final: Leaves,
+    ct_consts: Leaves,
+) -> tuple[Leaves, Leaves]:
+    """The reversed loop over recorded per-step residuals: no recomputation.
+
+    `transpose_step(k, ct) -> (ct_before, ct_consts)` transposes step `k` from its
+    stored residuals."""
+
+    def reverse_iteration(carry):
+        k, ct_state, ct_consts = carry
+        ct_state, ct_step_consts = transpose_step(k, ct_state)
+        ct_consts = [a + b for a, b in zip(ct_consts, ct_step_consts, strict=True)]
+        return k - 1, ct_state, ct_consts
+
+    _, ct_init, ct_consts = while_loop(
+        lambda c: c[0] >= 0,
+        reverse_iteration,
+        (jnp.asarray(num_steps - 1, jnp.int32), ct_final, ct_consts),
+    )
+    return ct_init, ct_consts
