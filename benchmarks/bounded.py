@@ -6,6 +6,11 @@ Equinox's jump in cost when `max_steps` passes a power of `base`, and does an ea
 exit make a long bound (`max_steps=4096`, 10 real steps) cost about what a short one
 does (`max_steps=16`)?
 
+Structure: Equinox nests `ceil(log_base(max_steps))` scans of length `base` (4097
+steps at base 16: four levels, 65536 slots). loopax nests `depth` scans of one common
+`length` (`loopax._backends.bounded.plan`; 4097: three levels of 17) and stops at
+exactly `max_steps` body calls; both columns are printed.
+
 Body: a 32-dimensional state, one tanh MLP step `x <- tanh(W x + b) + 0.1 x`.
 Measured per case and per implementation, in one process, the two implementations
 interleaved round by round: compile time (lower + compile of a freshly made jitted
@@ -22,6 +27,7 @@ Run: `python benchmarks/bounded.py [--quick]`. Prints a table and writes
 import argparse
 import functools as ft
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import loopax
+from loopax._backends.bounded import plan
 
 
 DIM = 32
@@ -127,7 +134,14 @@ def main() -> None:
     results = []
     for max_steps, num_steps in CASES:
         for mode in ("forward", "grad"):
-            row = {"max_steps": max_steps, "num_steps": num_steps, "mode": mode}
+            length, depth = plan(max_steps, BASE)
+            row = {
+                "max_steps": max_steps,
+                "num_steps": num_steps,
+                "mode": mode,
+                "loopax_scans": [length] * depth,
+                "equinox_scans": [BASE] * max(1, math.ceil(math.log(max_steps, BASE))),
+            }
             fns = {
                 impl: ft.partial(make_fn, impl, max_steps, num_steps, mode)
                 for impl in ("equinox", "loopax")
@@ -150,6 +164,13 @@ def main() -> None:
 
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, base={BASE}")
     print("time: wall (CPU time of this process); ratio = loopax / equinox")
+    print("scan lengths, outermost first:")
+    for max_steps in dict.fromkeys(m for m, _ in CASES):
+        (row, *_) = [r for r in results if r["max_steps"] == max_steps]
+        print(
+            f"  max_steps={max_steps}: loopax {row['loopax_scans']}, "
+            f"equinox {row['equinox_scans']}"
+        )
     header = (
         f"{'max_steps':>9} {'steps':>5} {'mode':>7} | {'run equinox':>19} "
         f"{'run loopax':>19} {'ratio':>11} | {'compile equinox':>15} "

@@ -3,10 +3,13 @@
 Every derivative is compared with the same derivative of `scan_reference_loop` (a
 `lax.scan` of `lax.cond` over `max_steps`, storing everything), which plain JAX
 differentiates independently of loopax. Sizes stay small: `base=4` so that
-`max_steps=100` already nests three levels.
+`max_steps=100` already nests three levels. The bound is checked exactly: the body is
+never called past step `max_steps - 1`, forward or under `grad`.
 """
 
+import collections
 import functools as ft
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,9 @@ from loopax._backends.bounded import plan
 
 
 BASE = 4
-MAX_STEPS = (0, 1, BASE, BASE + 1, 100)
+# 0 and 1 run nothing or one step; BASE and BASE + 1 are flat scans; 11 nests two
+# levels of 4 (16 slots, 5 never run); 100 nests three levels of 5 (125 slots).
+MAX_STEPS = (0, 1, BASE, BASE + 1, 11, 100)
 
 
 def bounded(cond_fun, body_fun, init_val, max_steps, **kwargs):
@@ -47,16 +52,19 @@ def bounded(cond_fun, body_fun, init_val, max_steps, **kwargs):
 
 
 @pytest.mark.parametrize("base", [2, 3, 4, 16])
-def test_plan_covers_max_steps_exactly(base):
-    previous_level = 0
+def test_plan_covers_max_steps_with_equal_levels(base):
+    previous_depth = 1
     for max_steps in range(1, 3 * base**3):
-        count, level = plan(max_steps, base)
-        block = base**level
-        assert (count - 1) * block < max_steps <= count * block
-        assert count <= 2 * base
-        assert level == 0 or count >= 2
-        assert level >= previous_level  # Depth never decreases as max_steps grows.
-        previous_level = level
+        length, depth = plan(max_steps, base)
+        assert (length - 1) ** depth < max_steps <= length**depth
+        # The fewest levels with max_steps < 2 * base**depth.
+        assert max_steps < 2 * base**depth
+        assert depth == 1 or 2 * base ** (depth - 1) <= max_steps
+        assert depth >= previous_depth  # Depth never decreases as max_steps grows.
+        previous_depth = depth
+        assert length <= math.ceil(2 ** (1 / depth) * base)
+        if depth == 1:
+            assert length == max_steps  # A flat loop is one scan of exactly max_steps.
     # No extra level (a whole recomputation) just past a power of `base`.
     for k in range(1, 4):
         assert plan(base**k + 1, base)[1] == plan(base**k, base)[1]
@@ -97,6 +105,42 @@ def test_body_runs_only_the_real_steps(num_steps):
     jax.effects_barrier()
     assert int(out) == min(num_steps, 100)
     assert len(calls) == min(num_steps, 100)
+
+
+@pytest.mark.parametrize("max_steps", [*MAX_STEPS, 1000])
+@pytest.mark.parametrize("mode", ["forward", "grad"])
+def test_body_is_never_called_past_max_steps(max_steps, mode):
+    """The bound is exact although the scans have `length**depth >= max_steps` slots:
+    the body is never called with step index `max_steps` or more, even where it would
+    misbehave there (here: divide by zero). Forward, it runs exactly once per step."""
+    calls = []
+
+    def body(carry):
+        i, x = carry
+        jax.debug.callback(lambda i: calls.append(int(i)), i, ordered=True)
+        return i + 1, x + 1.0 / (max_steps - i).astype(x.dtype)
+
+    def run(x):
+        init = (jnp.array(0), x)
+        return bounded(lambda c: c[0] >= 0, body, init, max_steps)[1]
+
+    x0 = jnp.array(0.5)
+    if mode == "forward":
+        out = jax.jit(run)(x0)
+    else:
+        out = jax.jit(jax.grad(run))(x0)
+    jax.effects_barrier()
+    assert jnp.isfinite(out)
+    if mode == "forward":
+        assert calls == list(range(max_steps))
+    else:
+        # Each step is evaluated once per level (the forward sweep, then once per
+        # checkpointed level while recomputing); the backward pass also replays the
+        # innermost step's effects (this callback), though not its values.
+        depth = plan(max_steps, BASE)[1] if max_steps else 0
+        counts = collections.Counter(calls)
+        assert set(counts) == set(range(max_steps))
+        assert all(depth <= n <= depth + 1 for n in counts.values())
 
 
 def test_body_is_traced_once():
@@ -161,13 +205,13 @@ _TRANSFORMS = {
 }
 
 
-# Every transform at the bounds that nest (`base + 1`: two levels, 100: three); the
+# Every transform at the bounds that nest (11: two levels, 100: three); the
 # cheap ones at the bounds whose structure is a single flat scan (or nothing).
 _DERIVATIVE_CASES = [
     (transform, max_steps)
     for max_steps in MAX_STEPS
     for transform in _TRANSFORMS
-    if max_steps > BASE or transform in ("grad", "jvp")
+    if max_steps > 2 * BASE or transform in ("grad", "jvp")
 ]
 
 
@@ -189,7 +233,7 @@ def test_derivatives_match_full_storage_reference(transform, max_steps, getkey):
 
 def test_grad_matches_finite_differences(getkey):
     params, x0 = _init_params(getkey()), jr.normal(getkey(), (3,))
-    loss = jax.jit(ft.partial(_loss, bounded, BASE + 1, 9))
+    loss = jax.jit(ft.partial(_loss, bounded, 11, 9))
     jax.test_util.check_grads(
         loss, (params, x0), order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2
     )
@@ -265,7 +309,7 @@ def _buffer_loss(loop_fn, max_steps, scale, x0, threshold):
     return jnp.sum(x**2) + jnp.sum(jnp.cos(buf) * jnp.arange(12.0)[:, None])
 
 
-@pytest.mark.parametrize("max_steps", [BASE + 1])
+@pytest.mark.parametrize("max_steps", [BASE + 1, 11])
 def test_buffers_masked_writes_forward_and_grad(max_steps, getkey):
     x0 = jr.normal(getkey(), (3,))
     scale = jnp.array(1.1)
