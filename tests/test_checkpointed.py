@@ -484,3 +484,31 @@ def _count_in_grad_jaxpr(checkpoints, max_steps, primitive="tanh"):
 def test_body_traced_independently_of_checkpoints(max_steps):
     few, many = (_count_in_grad_jaxpr(c, max_steps) for c in (4, 64))
     assert few == many > 0
+
+
+@pytest.mark.parametrize("checkpoints, max_steps", [(3, None), (2, 20), (3, 6)])
+def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_steps):
+    """The forward sweep looks the online rule's first decisions up in a table and
+    runs the rule itself past it: shrink the table to 4 steps, and the body-call order
+    still equals the replay (which never uses the table) and the gradient is right."""
+    from loopax._backends import checkpointed_sweeps
+
+    monkeypatch.setattr(checkpointed_sweeps, "_ONLINE_TABLE_STEPS", 4)
+    grad = jax.jit(
+        jax.grad(
+            ft.partial(
+                _loss,
+                checkpoints=checkpoints,
+                max_steps=max_steps,
+                body=_recording_body,
+            )
+        )
+    )
+    bound = BOUND if max_steps is None else max_steps
+    for n in (3, 13, 30):
+        _calls.clear()
+        got = jax.block_until_ready(grad(X0, _int(n)))
+        jax.effects_barrier()
+        plan = schedule(n, checkpoints, max_steps=max_steps)
+        assert tuple(_calls) == plan.body_calls, (n, checkpoints, max_steps)
+        assert_tree_allclose(got, _ref_grad(bound)(X0, _int(n)), atol=1e-5)

@@ -246,7 +246,13 @@ def _loop_impl(*args, body, cond, spec, record):
         return [*final, *stacks]
     if record:
         final, stack, slot_pos = recording_forward(
-            step, keep_going, init, spec.is_stored, spec.checkpoints, spec.forward_slots
+            step,
+            keep_going,
+            init,
+            spec.is_stored,
+            spec.checkpoints,
+            spec.forward_slots,
+            spec.max_steps,
         )
         return [*final, *stack, slot_pos]
     return plain_forward(step, keep_going, init)

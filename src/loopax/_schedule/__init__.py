@@ -14,6 +14,7 @@ from .offline import (
 )
 from .online import (
     OnlineState as OnlineState,
+    forward_slots as forward_slots,
     online_init as online_init,
     online_step as online_step,
 )
