@@ -695,6 +695,7 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
             ct_final=ct_final,
             ct_consts=ct_consts,
             stack_injection=injection,
+            forward_slots=spec.forward_slots,
         )
     return [
         *[None] * sum(layout[:4]),

@@ -177,6 +177,75 @@ def per_step_forward(
 # -- backward sweeps ------------------------------------------------------------------
 
 
+class _OnlineController:
+    """The reverse controller (`_schedule/reverse.py`) run inside the compiled sweep:
+    it plans from the recorded `slot_pos` and the trip count, known only at run time.
+    """
+
+    def __init__(self, checkpoints: int):
+        self.checkpoints = checkpoints
+
+    def init(self, slot_pos, num_steps):
+        return reverse_init(slot_pos, num_steps, self.checkpoints, jnp)
+
+    def plain_advances(self, control):
+        return plain_advances(control, jnp)
+
+    def advanced(self, control, count):
+        return control._replace(cur=control.cur + count)
+
+    def step(self, control):
+        return reverse_step(control, jnp)
+
+    def done(self, control):
+        return reverse_done(control, jnp)
+
+
+class _TableController:
+    """The same controller for a loop whose trip count and forward placement are known
+    up front (`loopax.scan`): every decision is computed at trace time (with the very
+    same code, in NumPy) and the sweep only looks them up, one table row per
+    controller step. For small bodies the controller's scalar arithmetic otherwise
+    costs more than the body."""
+
+    def __init__(self, checkpoints: int, forward_slots: Sequence[int]):
+        slot_pos = np.full((checkpoints,), -1, dtype=np.int32)
+        for k, slot in enumerate(forward_slots, start=1):
+            if slot >= 0:
+                slot_pos[slot] = k
+        self.restore_slot, state = reverse_init(
+            slot_pos, np.int32(len(forward_slots)), checkpoints, np
+        )
+        rows = []
+        while not reverse_done(state, np):
+            count = plain_advances(state)
+            state = state._replace(cur=np.int32(state.cur + count))
+            action, state = reverse_step(state, np)
+            rows.append((count, *(int(x) for x in action)))
+        rows.append((0, 1, 0, _NO_ADVANCE, -1))  # Never read: keeps indexing in range.
+        self.table = jnp.asarray(np.array(rows, dtype=np.int32).T)  # [5, steps + 1]
+        self.num_rows = len(rows) - 1
+
+    def init(self, slot_pos, num_steps):
+        del slot_pos, num_steps
+        return jnp.int32(self.restore_slot), jnp.int32(0)
+
+    def plain_advances(self, row):
+        return self.table[0, row]
+
+    def advanced(self, row, count):
+        del count
+        return row
+
+    def step(self, row):
+        is_vjp, step, store_slot, restore_slot = self.table[1:, row]
+        action = ReverseAction(is_vjp.astype(bool), step, store_slot, restore_slot)
+        return action, row + 1
+
+    def done(self, row):
+        return row >= self.num_rows
+
+
 def checkpointed_backward(
     *,
     while_loop: WhileLoop,
@@ -191,6 +260,7 @@ def checkpointed_backward(
     ct_final: Leaves,
     ct_consts: Leaves,
     stack_injection: Callable[[Any, Leaves], Leaves] | None = None,
+    forward_slots: Sequence[int] | None = None,
 ) -> tuple[Leaves, Leaves]:
     """Revolve reversal from the recorded checkpoints.
 
@@ -202,6 +272,8 @@ def checkpointed_backward(
     - `stack_injection(k, ct) -> ct`: adds the cotangent of the state `x_k` coming
       from the recorded stack itself (when the stack is an output being
       differentiated); `None` when it is not.
+    - `forward_slots`: for a loop of known length, the forward placement table; the
+      whole reverse schedule is then computed at trace time.
 
     One `while_loop` executes the reverse controller (`_schedule/reverse.py`): each
     iteration runs every advance up to the next VJP (plain advances as a tight
@@ -212,6 +284,11 @@ def checkpointed_backward(
     Returns the cotangents of the initial state and of the constants.
     """
     init_stored = pick(init, is_stored)
+    controller = (
+        _OnlineController(checkpoints)
+        if forward_slots is None
+        else _TableController(checkpoints, forward_slots)
+    )
 
     def restore(stack, slot):
         """The stored leaves of the state in `slot` (-1: the initial state)."""
@@ -226,14 +303,13 @@ def checkpointed_backward(
     def next_action(stored, control):
         """Run the plain advances ahead (a tight loop of body calls, no controller),
         then one controller step: a store-advance or a VJP."""
-        count = plain_advances(control, jnp)
+        count = controller.plain_advances(control)
         _, stored = while_loop(
             lambda c: c[0] < count,
             lambda c: (c[0] + 1, advance_stored(c[1])),
             (jnp.int32(0), stored),
         )
-        control = control._replace(cur=control.cur + count)
-        action, control = reverse_step(control, jnp)
+        action, control = controller.step(controller.advanced(control, count))
         return stored, action, control
 
     def advance_and_store(carry):
@@ -275,10 +351,10 @@ def checkpointed_backward(
         ct_consts = [a + b for a, b in zip(ct_consts, ct_step_consts, strict=True)]
         return restore(stack, action.restore_slot), stack, ct_state, ct_consts, control
 
-    restore_slot, control = reverse_init(slot_pos, final[0], checkpoints, jnp)
+    restore_slot, control = controller.init(slot_pos, final[0])
     carry = (restore(stack, restore_slot), stack, ct_final, ct_consts, control)
     _, _, ct_init, ct_consts, _ = while_loop(
-        lambda c: jnp.logical_not(reverse_done(c[-1], jnp)), reverse_iteration, carry
+        lambda c: jnp.logical_not(controller.done(c[-1])), reverse_iteration, carry
     )
     return ct_init, ct_consts
 
