@@ -18,6 +18,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool
 
+from ._check_buffers import checked_get, checked_value
+
 
 class Buffer(eqx.Module):
     """What the body sees in place of each array selected by `buffers=`.
@@ -29,9 +31,10 @@ class Buffer(eqx.Module):
     !!! danger "The buffer contract"
 
         Each index is written at most once per loop, and read only after it was
-        written (in the same loop). loopax does not check this: a violation gives
-        wrong gradients under `kind="checkpointed"`, because the backward pass replays
-        steps against the *final* buffer.
+        written (in the same loop). loopax does not check this by default: a
+        violation gives wrong gradients under `kind="checkpointed"`, because the
+        backward pass replays steps against the *final* buffer. Pass
+        `check_buffers=True` to the loop to check it at run time while debugging.
     """
 
     _array: Array
@@ -40,12 +43,19 @@ class Buffer(eqx.Module):
     # finished element's buffer is frozen by masking each write (O(row)) instead of
     # selecting the whole buffer after every step (O(buffer)).
     _pred: Bool[Array, ""] | None = None
+    # With `check_buffers=True` only (see `_check_buffers.py`): which entries this loop
+    # has written (same shape as `_array`), and the buffer's name for error messages.
+    # `None` otherwise, and then every access takes the unchecked path.
+    _written: Bool[Array, "..."] | None = None
+    _name: str | None = eqx.field(static=True, default=None)
 
     @property
     def at(self) -> "_BufferIndexer":
         return _BufferIndexer(self)
 
     def __getitem__(self, item) -> Array:
+        if self._written is not None:
+            return self.at[item].get()
         return self._array[item]
 
     @property
@@ -83,16 +93,48 @@ class _BufferRef:
         self._item = item
 
     def get(self, **kwargs: Any) -> Array:
-        return self._buffer._array.at[self._item].get(**kwargs)
+        buffer = self._buffer
+        if buffer._written is not None:
+            return checked_get(
+                buffer._array,
+                buffer._written,
+                buffer._name or "<buffer>",
+                True if buffer._pred is None else buffer._pred,
+                self._item,
+                kwargs,
+            )
+        return buffer._array.at[self._item].get(**kwargs)
 
     def set(
         self, x: ArrayLike, *, pred: Bool[ArrayLike, ""] = True, **kwargs: Any
     ) -> Buffer:
         buffer = self._buffer
         pred = and_pred(pred, buffer._pred)
+        if buffer._written is not None:
+            return _checked_set(buffer, self._item, x, pred, kwargs)
         return Buffer(
             _masked_set(buffer._array, self._item, x, pred, **kwargs), buffer._pred
         )
+
+
+def _checked_set(buffer: Buffer, item, x: ArrayLike, pred, kwargs: dict) -> Buffer:
+    """A write under `check_buffers=True`: check it, then mark the entries written."""
+    assert buffer._written is not None
+    x = checked_value(
+        buffer._array,
+        buffer._written,
+        buffer._name or "<buffer>",
+        pred,
+        item,
+        x,
+        kwargs,
+    )
+    return Buffer(
+        _masked_set(buffer._array, item, x, pred, **kwargs),
+        buffer._pred,
+        _masked_set(buffer._written, item, True, pred, **kwargs),
+        buffer._name,
+    )
 
 
 def and_pred(a: Bool[ArrayLike, ""] | None, b: Bool[ArrayLike, ""] | None) -> Any:

@@ -6,15 +6,17 @@ checkpointing). Traced bounds give a loop of unknown length: it runs as
 reverse mode with `kind="checkpointed"` or `kind="bounded"`.
 """
 
+import functools as ft
 import operator
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import jax.numpy as jnp
+import jax.tree_util as jtu
 
 from ._custom_types import KINDS, Kind
 from ._scan import scan
-from ._while_loop import check_loop_options, while_loop
+from ._while_loop import BUFFER_NAMES_ATTR, check_loop_options, while_loop
 
 
 _Carry = TypeVar("_Carry")
@@ -30,6 +32,14 @@ def _static_int(x: Any) -> int | None:
         return None
 
 
+def _fori_buffer_name(position: int, path: Any) -> str | None:
+    """`check_buffers=True`: a buffer's name from its key path in the carry that wraps
+    `init_val` at `position`."""
+    if path and path[0] == jtu.SequenceKey(position):
+        return "init_val" + jtu.keystr(path[1:])
+    return None
+
+
 def fori_loop(
     lower: Any,
     upper: Any,
@@ -42,6 +52,7 @@ def fori_loop(
     max_steps: int | None = None,
     buffers: Callable[[_Carry], Any] | None = None,
     base: int = 16,
+    check_buffers: bool = False,
 ) -> _Carry:
     """A `jax.lax.fori_loop` that you can differentiate in reverse mode.
 
@@ -72,7 +83,10 @@ def fori_loop(
         traced bounds. With static bounds it is ignored by the scan path.
     - `buffers`: as for [`loopax.while_loop`][], a function from `val` to its
         write-once arrays.
-    - `base`: for `kind="bounded"`, the length of the innermost scan.
+    - `base`: for `kind="bounded"`, about the length of each nested scan.
+    - `check_buffers`: if `True`, check the buffer contract at run time (a debugging
+        aid; default `False`, at no cost), as for [`loopax.while_loop`][]. Buffers are
+        named by their path in `init_val`, e.g. `init_val['out']`.
 
     **Returns:**
 
@@ -98,11 +112,15 @@ def fori_loop(
             buffers=buffers,
             memory_budget=memory_budget,
             allow_all=True,
+            check_buffers=check_buffers,
         )
 
         def step(carry, _):
             i, val = carry
             return (i + 1, body_fun(i, val)), None
+
+        # Name checked buffers after `init_val`, not the scan's `(i, init_val)`.
+        setattr(step, BUFFER_NAMES_ATTR, ft.partial(_fori_buffer_name, 1))
 
         i0 = jnp.array(static_lower, jnp.int32)
         scan_buffers = None if buffers is None else lambda c: buffers(c[1])
@@ -115,6 +133,7 @@ def fori_loop(
             checkpoints=checkpoints,
             memory_budget=memory_budget,
             buffers=scan_buffers,
+            check_buffers=check_buffers,
         )
         return val
     if static_lower is not None and static_upper is not None and max_steps is None:
@@ -134,9 +153,15 @@ def fori_loop(
     lower = jnp.asarray(lower, dtype)
     upper = jnp.asarray(upper, dtype)
     while_buffers = None if buffers is None else lambda c: buffers(c[2])
+
+    def while_body(c):
+        return c[0] + 1, c[1], body_fun(c[0], c[2])
+
+    # Name checked buffers after `init_val`, not the loop's `(i, upper, init_val)`.
+    setattr(while_body, BUFFER_NAMES_ATTR, ft.partial(_fori_buffer_name, 2))
     _, _, val = while_loop(
         lambda c: c[0] < c[1],
-        lambda c: (c[0] + 1, c[1], body_fun(c[0], c[2])),
+        while_body,
         (lower, upper, init_val),
         kind=kind,
         checkpoints=checkpoints,  # pyright: ignore[reportArgumentType]
@@ -144,5 +169,6 @@ def fori_loop(
         max_steps=max_steps,
         buffers=while_buffers,
         base=base,
+        check_buffers=check_buffers,
     )
     return val

@@ -23,7 +23,25 @@ from ._backends.lax import lax_while_loop
 from ._buffer import Buffer, buffer_at_set
 from ._schedule import checkpoints_for_budget, revolve_forward_slots
 from ._state import Loop
-from ._while_loop import check_loop_options
+from ._while_loop import buffer_names, check_loop_options
+
+
+def _scan_check_names(
+    f: Any, check_buffers: bool
+) -> Callable[[Any], str | None] | None:
+    """`check_names` for the scan's `Loop` over `(i, init, ys)`: the user's buffers
+    in `init` are named after `init` (or as `f` says); the stacked outputs `ys`, which
+    the scan itself writes once per row, are not checked."""
+    if not check_buffers:
+        return None
+    names = buffer_names(f, "init")
+
+    def check_names(path):
+        if path and path[0] == jtu.SequenceKey(1):
+            return names(path[1:])
+        return None
+
+    return check_names
 
 
 _Carry = TypeVar("_Carry")
@@ -134,6 +152,7 @@ def scan(
     checkpoints: int | Literal["all", "auto"] | None = None,
     memory_budget: int | str | None = None,
     buffers: Callable[[_Carry], Any] | None = None,
+    check_buffers: bool = False,
 ) -> tuple[_Carry, _Y]:
     r"""A `jax.lax.scan` whose gradient stores only `checkpoints` carries.
 
@@ -176,6 +195,10 @@ def scan(
     - `buffers`: a function from the carry to the arrays in it that `f` writes at most
         once per index, as for [`loopax.while_loop`][]; inside `f` they are
         [`loopax.Buffer`][]s.
+    - `check_buffers`: if `True`, check at run time that `f` keeps the buffer
+        contract on the arrays selected by `buffers` (a debugging aid; default
+        `False`, at no cost), as for [`loopax.while_loop`][]. Buffers are named by
+        their path in `init`, e.g. `init['out']`.
 
     **Returns:**
 
@@ -222,6 +245,7 @@ def scan(
         buffers=buffers,
         memory_budget=memory_budget,
         allow_all=True,
+        check_buffers=check_buffers,
     )
     del length
     init = jtu.tree_map(jnp.asarray, init)
@@ -261,7 +285,14 @@ def scan(
         return (None if user_buffers is None else user_buffers(c[1])), c[2]
 
     init_val = (jnp.array(0, jnp.int32), init, ys)
-    loop = Loop(cond_fun, body_fun, init_val, num_steps, loop_buffers)
+    loop = Loop(
+        cond_fun,
+        body_fun,
+        init_val,
+        num_steps,
+        loop_buffers,
+        check_names=_scan_check_names(f, check_buffers),
+    )
     del init, ys, buffers
     if kind == "lax":
         final = lax_while_loop(loop, reverse_mode_error=_REVERSE_MODE_ERROR)

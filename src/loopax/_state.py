@@ -16,6 +16,10 @@ A user loop `(cond_fun, body_fun, init_val)` becomes a loop over
 - `value` is the user's carry with every `Buffer` unwrapped to its array; `Loop.body`
   wraps the buffer leaves around `body_fun` and unwraps them after, and checks that
   `body_fun` returned the structure, shapes and dtypes it was given.
+- With `check_buffers=True` (`check_names`), `value` is `(carry, written)` instead:
+  `written` holds one boolean mask per checked buffer (see `_check_buffers.py`), as
+  ordinary (non-buffer) leaves, so backends store and restore them with the rest of
+  the state. Without it nothing changes.
 """
 
 from collections.abc import Callable, Sequence
@@ -94,6 +98,8 @@ class Loop:
         init_val: PyTree[Any],
         max_steps: int | None,
         buffers: Callable[[Any], Any] | None,
+        *,
+        check_names: Callable[[Any], str | None] | None = None,
     ):
         leaves, self._treedef = jtu.tree_flatten(init_val, is_leaf=_is_buffer)
         selected = (
@@ -118,6 +124,63 @@ class Loop:
         self.cond_fun = cond_fun
         self.body_fun = body_fun
         self.max_steps = max_steps
+        self._init_checks(init_val, check_names)
+
+    # -- check_buffers=True ------------------------------------------------------------
+
+    def _init_checks(
+        self, init_val: PyTree[Any], check_names: Callable[[Any], str | None] | None
+    ) -> None:
+        """Choose the checked buffers and add their `written` masks to the carry.
+
+        Checked are: the buffers of this loop when `check_names` is given (and names
+        them: `check_names(path)` with the leaf's key path in `init_val`; `None` skips
+        it), starting with nothing written; and every `Buffer` of an outer loop that is
+        checked there, continuing with its mask, whatever this loop's setting."""
+        paths_leaves = jtu.tree_flatten_with_path(init_val, is_leaf=_is_buffer)[0]
+        checked: dict[int, str] = {}
+        masks = []
+        for i, (path, leaf) in enumerate(paths_leaves):
+            outer = _outer_checked(leaf)
+            if outer is not None:
+                checked[i] = outer._name or "<buffer>"
+                masks.append(outer._written)
+            elif check_names is not None and self.is_buffer[i]:
+                name = check_names(path)
+                if name is not None:
+                    checked[i] = name
+                    masks.append(jnp.zeros(jnp.shape(leaf), jnp.bool_))
+        # `_checked`: carry leaf index -> buffer name, in leaf order.
+        self._checked = checked
+        if checked:
+            self.init_value = (self.init_value, tuple(masks))
+            self.is_buffer = (*self.is_buffer, *(False for _ in masks))
+
+    def _split(self, value: PyTree[Array]) -> tuple[PyTree[Array], dict[int, Array]]:
+        """`value` as `(carry, {checked leaf index: written mask})`."""
+        if not self._checked:
+            return value, {}
+        carry, masks = value
+        return carry, dict(zip(self._checked, masks, strict=True))
+
+    def _join(self, carry: PyTree[Array], written: dict[int, Array]) -> PyTree[Array]:
+        if not self._checked:
+            return carry
+        return carry, tuple(written[i] for i in self._checked)
+
+    def _written_after(self, out: PyTree[Any], written: dict[int, Array]) -> dict:
+        """The masks after the body: those of the checked `Buffer`s it returned (a leaf
+        it returned as a plain array keeps its mask)."""
+        if not written:
+            return written
+        out_leaves = jtu.tree_leaves(out, is_leaf=_is_buffer)
+        new = {}
+        for i, old in written.items():
+            leaf = _outer_checked(out_leaves[i])
+            new_mask = None if leaf is None else leaf._written
+            same = new_mask is not None and jnp.shape(new_mask) == jnp.shape(old)
+            new[i] = new_mask if same else old
+        return new
 
     # -- the carry as the user sees it ------------------------------------------------
 
@@ -129,12 +192,24 @@ class Loop:
     ) -> PyTree[Any]:
         """The carry with `Buffer`s where `show` says; their writes are masked by
         `mask` (this loop's active batch elements) and by the outer loops' masks."""
+        value, written = self._split(value)
         leaves = self._treedef.flatten_up_to(value)
         return jtu.tree_unflatten(
             self._treedef,
             [
-                Buffer(x, and_pred(p, mask)) if s else x
-                for x, s, p in zip(leaves, show, self._outer_pred, strict=True)
+                (
+                    Buffer(
+                        x,
+                        and_pred(p, mask),
+                        written.get(i),
+                        self._checked.get(i),
+                    )
+                    if s
+                    else x
+                )
+                for i, (x, s, p) in enumerate(
+                    zip(leaves, show, self._outer_pred, strict=True)
+                )
             ],
         )
 
@@ -179,9 +254,12 @@ class Loop:
         mask = active_mask(self._keep_going(state.step, state.value))
         carry = self._as_user_carry(state.value, self._show_as_buffer, mask)
         out = self.body_fun(carry)
-        out = jtu.tree_map(_unwrap, out, is_leaf=_is_buffer)
-        _check_body_output(state.value, out)
-        values, treedef = jtu.tree_flatten(state.value)
+        value, written = self._split(state.value)
+        unwrapped = jtu.tree_map(_unwrap, out, is_leaf=_is_buffer)
+        _check_body_output(value, unwrapped)
+        written = self._written_after(out, written)
+        out = unwrapped
+        values, treedef = jtu.tree_flatten(value)
         new_leaves = [
             jnp.asarray(new, old.dtype)
             if shown
@@ -192,7 +270,7 @@ class Loop:
                 treedef.flatten_up_to(out), values, self._show_as_buffer, strict=True
             )
         ]
-        new_value = jtu.tree_unflatten(treedef, new_leaves)
+        new_value = self._join(jtu.tree_unflatten(treedef, new_leaves), written)
         return LoopState(state.step + 1, new_value)
 
 
@@ -201,6 +279,13 @@ def _buffer_pred(x: Any) -> Bool[Array, ""] | None:
     while isinstance(x, Buffer):
         pred, x = and_pred(pred, x._pred), x._array
     return None if pred is True else pred
+
+
+def _outer_checked(x: Any) -> Buffer | None:
+    """The outermost `Buffer` around `x` if it is checked (`check_buffers=True`)."""
+    if isinstance(x, Buffer) and x._written is not None:
+        return x
+    return None
 
 
 def _unwrap(x: Any) -> Any:

@@ -58,6 +58,7 @@ def check_loop_options(
     buffers: Any,
     memory_budget: Any = None,
     allow_all: bool = False,
+    check_buffers: Any = False,
 ) -> int | None:
     """Validate the options shared by every loopax front end; return `max_steps`.
 
@@ -130,7 +131,32 @@ def check_loop_options(
             "kind='bounded' needs `max_steps`: pass an int bound, or use "
             "kind='checkpointed'."
         )
+    _check_check_buffers(check_buffers)
     return max_steps
+
+
+def _check_check_buffers(check_buffers: Any) -> None:
+    if not isinstance(check_buffers, bool):
+        raise TypeError(
+            f"`check_buffers` must be a bool, got {check_buffers!r}. Pass "
+            "check_buffers=True to check the buffer contract at run time (a debugging "
+            "aid), or leave it False (the default, no cost)."
+        )
+
+
+# With `check_buffers=True`, a buffer is named in errors by its key path in the
+# carry argument (`init_val['out']`). A front end that wraps the user's carry in a
+# bigger one (`loopax.fori_loop`) sets this attribute on the body it passes on: a
+# function from a leaf's key path in the carry it passes to the name to report.
+BUFFER_NAMES_ATTR = "_loopax_buffer_names"
+
+
+def buffer_names(body: Any, argument: str) -> Callable[[Any], str | None]:
+    """`check_names` for `Loop`: as `body` says, else the path in `argument`."""
+    names = getattr(body, BUFFER_NAMES_ATTR, None)
+    if names is not None:
+        return names
+    return lambda path: argument + jtu.keystr(path)
 
 
 def _check_callable(name: str, fn: Any) -> None:
@@ -151,6 +177,7 @@ def while_loop(
     memory_budget: int | str | None = None,
     buffers: Callable[[_Carry], Any] | None = None,
     base: int = 16,
+    check_buffers: bool = False,
 ) -> _Carry:
     """A `jax.lax.while_loop` that you can choose to differentiate in reverse mode.
 
@@ -162,7 +189,7 @@ def while_loop(
     |---|---|---|---|
     | `"lax"` | yes | yes | no (a clear error) |
     | `"checkpointed"` | yes | no | yes: `checkpoints` stored states, near-optimal recomputation |
-    | `"bounded"` | yes | yes | yes: nested `lax.scan`s of length `base` up to `max_steps` |
+    | `"bounded"` | yes | yes | yes: nested `lax.scan`s of length about `base` up to `max_steps` |
 
     Under `vmap` with a batched predicate the batch runs in lock-step until every
     element is done; finished elements are frozen.
@@ -191,7 +218,16 @@ def while_loop(
     - `buffers`: a function from the carry to the arrays in it (a node, a sequence of
       nodes, possibly containing `None`) that the body writes at most once per index.
       Inside `cond_fun`/`body_fun` they appear as [`loopax.Buffer`][]s.
-    - `base`: for `kind="bounded"`, the length of the innermost scan. Ignored otherwise.
+    - `base`: for `kind="bounded"`, about the length of each nested scan: it sets the
+      nesting depth (the fewest levels `d` with `max_steps < 2 * base**d`). Ignored
+      otherwise.
+    - `check_buffers`: a debugging aid (default `False`). If `True`, every access to a
+      buffer is checked at run time against the buffer contract, and a second write
+      to an index, a read of an index not yet written, or an out-of-bounds index
+      raises an error naming the buffer (e.g. `init_val['out']`) and the index. Each
+      checked buffer carries a boolean mask of its shape (stored in checkpoints like
+      the rest of the carry) and each access a check: use it while debugging. Off,
+      it costs nothing. See [Buffers](../buffers.md#checking-the-contract).
 
     **Returns:**
 
@@ -200,7 +236,8 @@ def while_loop(
     !!! danger
 
         Buffers must follow the contract in [`loopax.Buffer`][]: each index written
-        at most once, read only after it was written. It is not checked.
+        at most once, read only after it was written. It is checked only with
+        `check_buffers=True`.
     """
     _check_callable("cond_fun", cond_fun)
     _check_callable("body_fun", body_fun)
@@ -211,6 +248,7 @@ def while_loop(
         base=base,
         buffers=buffers,
         memory_budget=memory_budget,
+        check_buffers=check_buffers,
     )
     init_val = jtu.tree_map(jnp.asarray, init_val)
     if isinstance(checkpoints, str):  # "auto"; validated: `memory_budget` is given.
@@ -221,7 +259,14 @@ def while_loop(
                 init_val, memory_budget, buffers=buffers, max_steps=max_steps
             )
     del memory_budget
-    loop = Loop(cond_fun, body_fun, init_val, max_steps, buffers)
+    loop = Loop(
+        cond_fun,
+        body_fun,
+        init_val,
+        max_steps,
+        buffers,
+        check_names=buffer_names(body_fun, "init_val") if check_buffers else None,
+    )
     del cond_fun, body_fun, init_val, buffers
     if kind == "lax":
         final = lax_while_loop(loop)

@@ -119,7 +119,8 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
         pos,
         xp,
     )
-    new_pos = xp.where(xp.arange(pos.shape[0]) == slot, step, pos).astype(xp.int32)
+    slots = xp.arange(pos.shape[0], dtype=xp.int32)
+    new_pos = xp.where(slots == slot, step, pos).astype(xp.int32)
     return slot, OnlineState(slot_pos=new_pos)
 
 
