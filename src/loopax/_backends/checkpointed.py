@@ -9,11 +9,11 @@ loop over primals and tangents, and reverse mode is:
   store the new state and into which slot; the store is a `lax.cond`, so steps that do
   not save do not touch the stack. Buffers are never stored; the final buffers are
   kept once.
-- **Backward sweep**: one `lax.while_loop` that executes the *reverse* controller
-  (`_schedule/reverse.py`) one action per iteration: either advance the current state
-  with the plain body (storing it into a free slot when the offline revolve rule says
-  so), or run the VJP of one step and restore the next state from a slot. The body is
-  traced once for advancing and once for the VJP, whatever `checkpoints` is.
+- **Backward sweep**: one while loop with one VJP per iteration, driven by the
+  *reverse* controller (`_schedule/reverse.py`): advance the current state with the
+  plain body (storing it into a free slot when the offline revolve rule says so) up
+  to the next VJP, run it, and restore the next state from a slot. The body is traced
+  once for advancing and once for the VJP, whatever `checkpoints` is.
 
 With `checkpoints >= max_steps` every step's linearization residuals are stored (like
 `lax.scan`; no controller at all) and the backward sweep is a plain reversed loop of

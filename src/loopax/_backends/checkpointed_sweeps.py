@@ -31,10 +31,6 @@ from .._schedule import (
 )
 
 
-# `ReverseAction.store_slot` of the inner backward loop's initial action: no advance is
-# pending. (-1 means "advance without storing"; slots are >= 0.)
-_NO_ADVANCE = -2
-
 Leaves = list[Array]
 WhileLoop = Callable[[Callable, Callable, Any], Any]
 
@@ -222,7 +218,7 @@ class _TableController:
             state = state._replace(cur=np.int32(state.cur + count))
             action, state = reverse_step(state, np)
             rows.append((count, *(int(x) for x in action)))
-        rows.append((0, 1, 0, _NO_ADVANCE, -1))  # Never read: keeps indexing in range.
+        rows.append((0, 1, 0, -1, -1))  # Never read: keeps indexing in range.
         self.table = jnp.asarray(np.array(rows, dtype=np.int32).T)  # [5, steps + 1]
         self.num_rows = len(rows) - 1
 
@@ -300,50 +296,46 @@ def checkpointed_backward(
     def advance_stored(stored):
         return pick(advance(full_state(stored)), is_stored)
 
-    def next_action(stored, control):
-        """Run the plain advances ahead (a tight loop of body calls, no controller),
-        then one controller step: a store-advance or a VJP."""
+    def segment(carry):
+        """Up to the next controller decision: the plain advances ahead, then either a
+        store-advance (which is one more advance, then a store) or the next VJP (left
+        to the caller). The decision is looked up *before* advancing: the controller
+        depends on step indices only, never on the states."""
+        stack, stored, _, control = carry
         count = controller.plain_advances(control)
+        action, control = controller.step(controller.advanced(control, count))
+        runs = count + jnp.logical_not(action.is_vjp).astype(jnp.int32)
         _, stored = while_loop(
-            lambda c: c[0] < count,
+            lambda c: c[0] < runs,
             lambda c: (c[0] + 1, advance_stored(c[1])),
             (jnp.int32(0), stored),
-        )
-        action, control = controller.step(controller.advanced(control, count))
-        return stored, action, control
-
-    def advance_and_store(carry):
-        """Carry out the pending store-advance (if any), then find the next action."""
-        stack, stored, action, control = carry
-        stored = lax.cond(
-            action.store_slot >= _NO_ADVANCE + 1, advance_stored, lambda s: s, stored
         )
         stack = lax.cond(
             action.store_slot >= 0,
             lambda: _write_slot(stack, action.store_slot, stored),
             lambda: stack,
         )
-        return (stack, *next_action(stored, control))
+        return stack, stored, action, control
 
     def reverse_iteration(carry):
         """Every advance up to the next VJP, then that VJP.
 
         No stack- or buffer-sized value passes through a `lax.cond` with two live
         branches: XLA copies such operands, which would cost a copy of the stack (or
-        of a buffer's cotangent) per iteration. The inner loop starts from a "nothing
-        pending" action so that the body appears once per kind of use (plain advance,
-        store-advance, VJP) in the compiled program."""
+        of a buffer's cotangent) per iteration. Plain advances and store-advances run
+        through one tight loop, so the body appears twice in the compiled backward
+        sweep whatever `checkpoints` is: once to advance, once in the VJP."""
         stored, stack, ct_state, ct_consts, control = carry
-        nothing = ReverseAction(
+        not_yet = ReverseAction(
             is_vjp=jnp.array(False),
             step=jnp.array(0, jnp.int32),
-            store_slot=jnp.array(_NO_ADVANCE, jnp.int32),
+            store_slot=jnp.array(-1, jnp.int32),
             restore_slot=jnp.array(-1, jnp.int32),
         )
         stack, stored, action, control = while_loop(
             lambda c: jnp.logical_not(c[2].is_vjp),
-            advance_and_store,
-            (stack, stored, nothing, control),
+            segment,
+            (stack, stored, not_yet, control),
         )
         if stack_injection is not None:
             ct_state = stack_injection(action.step + 1, ct_state)
