@@ -25,6 +25,7 @@ import functools as ft
 import math
 
 import jax
+import jax.extend as jex
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
@@ -434,3 +435,38 @@ def test_fori_loop_errors():
     jax.jit(loss)(X0, jnp.int32(0), jnp.int32(3))
     with pytest.raises(ValueError, match="pass `checkpoints=`"):
         jax.jit(jax.grad(loss))(X0, jnp.int32(0), jnp.int32(3))
+
+
+def test_outputs_are_per_step_not_carried():
+    """The stacked outputs of a checkpointed scan are per-step outputs of the loop,
+    not a buffer in its carry: no loop in the gradient (forward or backward sweep)
+    carries an array with a leading dimension of the scan's length, so the backward
+    sweep never copies an output-sized cotangent per step."""
+    length = 997  # A prime: no other dimension equals it by chance.
+
+    def loss(h):
+        _, ys = loopax.scan(
+            lambda c, x: (jnp.sin(c), c * 2.0), h, None, length=length, checkpoints=4
+        )
+        return jnp.sum(ys)
+
+    def carried_shapes(jaxpr):
+        shapes = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "loopax_checkpointed_loop":
+                carry = eqn.invars[eqn.params["spec"].num_consts :]
+                shapes += [tuple(v.aval.shape) for v in carry]
+        for sub in jex.core.subjaxprs(jaxpr):
+            shapes += carried_shapes(sub)
+        return shapes
+
+    shapes = carried_shapes(jax.make_jaxpr(jax.grad(loss))(jnp.ones(3)).jaxpr)
+    assert shapes, "no checkpointed loop found"
+    assert not [s for s in shapes if length in s]
+    # And the gradient is right.
+    want = jax.grad(
+        lambda h: jnp.sum(
+            jax.lax.scan(lambda c, x: (jnp.sin(c), c * 2.0), h, None, length=length)[1]
+        )
+    )(jnp.ones(3))
+    np.testing.assert_allclose(jax.grad(loss)(jnp.ones(3)), want, rtol=1e-5)

@@ -1,10 +1,12 @@
 """`loopax.scan`: `jax.lax.scan` with a bounded-memory, optimally recomputing gradient.
 
-The scan is rewritten as a while loop over `(i, carry, ys)`: step `i` reads
-`xs[i]` (`xs[length - 1 - i]` when `reverse`), calls `f`, and writes `y` into the
-preallocated stacked outputs `ys` at the same index. `ys` are declared as buffers of
-the loop (each row is written exactly once), so the checkpointed kind never stores them
-in checkpoints. Because the trip count is known before the loop starts, the forward
+The scan is rewritten as a while loop over `(i, carry)`: step `i` reads `xs[i]`
+(`xs[length - 1 - i]` when `reverse`) and calls `f`. With `kind="checkpointed"` each
+step's `y` is a per-step output of the checkpointed loop, stacked by the loop itself
+(never stored in checkpoints; in reverse mode each step reads its own row of the
+cotangent, as in `lax.scan`). With `kind="lax"` the loop carries preallocated stacked
+outputs `ys` as buffers and writes `y` at the same index. Because the trip count is
+known before the loop starts, the forward
 sweep of the checkpointed kind stores states where revolve's first sweep would
 (`revolve_forward_slots`), and the whole gradient recomputes exactly the offline
 optimum.
@@ -266,11 +268,71 @@ def scan(
     def cond_fun(c):
         return c[0] < num_steps
 
+    def step(i, carry):
+        """Step `i` of the scan: the new carry, the output `y` and its row."""
+        index = num_steps - 1 - i if reverse else i
+        carry, y = f(carry, jtu.tree_map(lambda a: a[index], xs))
+        return carry, y, index
+
+    user_buffers = buffers
+    check_names = _scan_check_names(f, check_buffers)
+    del buffers
+    if kind == "lax":
+        return _scan_with_ys_in_carry(
+            cond_fun, step, init, ys, num_steps, user_buffers, check_names
+        )
+    if kind != "checkpointed":
+        raise ValueError(
+            f"`kind` must be one of {', '.join(map(repr, SCAN_KINDS))}, got {kind!r}."
+        )
+    if checkpoints is None:
+        checkpoints = default_checkpoints(num_steps)
+    elif checkpoints == "all":
+        checkpoints = max(num_steps, 1)
+    assert isinstance(checkpoints, int)
+    table = (
+        revolve_forward_slots(num_steps, checkpoints)
+        if checkpoints < num_steps
+        else None
+    )
+    # The outputs are per-step outputs of the loop (not a carried buffer): reverse mode
+    # then reads one row of their cotangent per step, as `lax.scan` does.
+    outputs = []
+
+    def body_fun(c):
+        i, carry = c
+        carry, y, _ = step(i, carry)
+        outputs.append(y)
+        return i + 1, carry
+
+    loop = Loop(
+        cond_fun,
+        body_fun,
+        (jnp.array(0, jnp.int32), init),
+        num_steps,
+        None if user_buffers is None else lambda c: user_buffers(c[1]),
+        check_names=check_names,
+    )
+    final, ys = checkpointed_while_loop(
+        loop,
+        checkpoints=checkpoints,
+        forward_slots=table,
+        step_outputs=lambda: outputs.pop(),
+    )
+    if reverse:  # Row k holds step k's output, which belongs at row n - 1 - k.
+        ys = jtu.tree_map(lambda a: a[::-1], ys)
+    _, carry = loop.final_value(final.value)
+    return carry, ys
+
+
+def _scan_with_ys_in_carry(
+    cond_fun, step, init, ys, num_steps, user_buffers, check_names
+):
+    """`kind="lax"`: the outputs are buffers in the carry of a `lax.while_loop`."""
+
     def body_fun(c):
         i, carry, ys = c
-        index = num_steps - 1 - i if reverse else i
-        x = jtu.tree_map(lambda a: a[index], xs)
-        carry, y = f(carry, x)
+        carry, y, index = step(i, carry)
         ys = jtu.tree_map(
             lambda buf, v: buffer_at_set(buf, index, v),
             ys,
@@ -279,40 +341,17 @@ def scan(
         )
         return i + 1, carry, ys
 
-    user_buffers = buffers
-
     def loop_buffers(c):
         return (None if user_buffers is None else user_buffers(c[1])), c[2]
 
-    init_val = (jnp.array(0, jnp.int32), init, ys)
     loop = Loop(
         cond_fun,
         body_fun,
-        init_val,
+        (jnp.array(0, jnp.int32), init, ys),
         num_steps,
         loop_buffers,
-        check_names=_scan_check_names(f, check_buffers),
+        check_names=check_names,
     )
-    del init, ys, buffers
-    if kind == "lax":
-        final = lax_while_loop(loop, reverse_mode_error=_REVERSE_MODE_ERROR)
-    elif kind == "checkpointed":
-        if checkpoints is None:
-            checkpoints = default_checkpoints(num_steps)
-        elif checkpoints == "all":
-            checkpoints = max(num_steps, 1)
-        assert isinstance(checkpoints, int)
-        table = (
-            revolve_forward_slots(num_steps, checkpoints)
-            if checkpoints < num_steps
-            else None
-        )
-        final = checkpointed_while_loop(
-            loop, checkpoints=checkpoints, forward_slots=table
-        )
-    else:
-        raise ValueError(
-            f"`kind` must be one of {', '.join(map(repr, SCAN_KINDS))}, got {kind!r}."
-        )
+    final = lax_while_loop(loop, reverse_mode_error=_REVERSE_MODE_ERROR)
     _, carry, ys = loop.final_value(final.value)
     return carry, ys

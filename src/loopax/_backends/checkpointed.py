@@ -22,11 +22,14 @@ can be differentiated again (`grad` of `grad`) in bounded memory.
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax.tree_util as jtu
 import numpy as np
+from jaxtyping import Array, PyTree
 
-from .._state import Loop, LoopState
+from .._state import Loop
 from .checkpointed_primitive import bind_loop
 from .lax import lax_while_loop
 
@@ -50,8 +53,12 @@ def default_checkpoints(max_steps: int) -> int:
 
 
 def checkpointed_while_loop(
-    loop: Loop, *, checkpoints: int | None, forward_slots: np.ndarray | None = None
-) -> LoopState:
+    loop: Loop,
+    *,
+    checkpoints: int | None,
+    forward_slots: np.ndarray | None = None,
+    step_outputs: Callable[[], PyTree[Array]] | None = None,
+) -> Any:
     """Run `loop` as a `lax.while_loop` whose reverse mode uses `checkpoints` slots.
 
     `forward_slots`, for loops whose trip count is known up front (`loopax.scan`):
@@ -59,6 +66,14 @@ def checkpointed_while_loop(
     `x_k` into or -1 (see `revolve_forward_slots`). The forward sweep then looks its
     decisions up in this table instead of running the online rule. The loop must run
     at most `len(forward_slots)` steps: `loop.max_steps` must equal it.
+
+    `step_outputs`, for `loopax.scan`'s stacked outputs: called right after each trace
+    of `loop.body`, it returns that step's outputs `y`, which are stacked along a new
+    leading axis of `loop.max_steps` rows (row `k` from step `k`) and returned with
+    the final state, as `(state, ys)`. They are per-step outputs of the loop, not
+    carried buffers: in reverse mode each step reads its own row of their cotangent,
+    as `lax.scan` does, instead of carrying a buffer-sized cotangent through the
+    backward sweep.
 
     ??? cite "References"
 
@@ -103,9 +118,19 @@ def checkpointed_while_loop(
 
     init_state = loop.init()
     leaves, state_def = jtu.tree_flatten(init_state)
+    ys_def = []
+
+    def body(c):
+        out = jtu.tree_leaves(loop.body(jtu.tree_unflatten(state_def, c)))
+        if step_outputs is None:
+            return out
+        ys, treedef = jtu.tree_flatten(step_outputs())
+        ys_def.append(treedef)
+        return [*out, *ys]
+
     out = bind_loop(
         lambda c: loop.cond(jtu.tree_unflatten(state_def, c)),
-        lambda c: jtu.tree_leaves(loop.body(jtu.tree_unflatten(state_def, c))),
+        body,
         leaves,
         is_buffer=(False, *loop.is_buffer),
         checkpoints=checkpoints,
@@ -113,4 +138,7 @@ def checkpointed_while_loop(
         max_steps=loop.max_steps,
         forward_slots=None if forward_slots is None else forward_slots.tolist(),
     )
-    return jtu.tree_unflatten(state_def, out)
+    state = jtu.tree_unflatten(state_def, out[: len(leaves)])
+    if step_outputs is None:
+        return state
+    return state, jtu.tree_unflatten(ys_def[-1], out[len(leaves) :])

@@ -234,18 +234,8 @@ def _loop_impl(*args, body, cond, spec, record):
         return _call(cond, *consts, *carry)[0]
 
     ys_avals = body.out_avals[n:]
-    if ys_avals:
-        if spec.max_steps is None or record:
-            raise AssertionError(
-                "loopax internal error: per-step outputs need max_steps and no "
-                "recording; please report a bug."
-            )
-        final, stacks = per_step_forward(
-            step, keep_going, init, ys_avals, spec.max_steps
-        )
-        return [*final, *stacks]
     if record:
-        final, stack, slot_pos = recording_forward(
+        final, stack, slot_pos, ys = recording_forward(
             step,
             keep_going,
             init,
@@ -253,8 +243,19 @@ def _loop_impl(*args, body, cond, spec, record):
             spec.checkpoints,
             spec.forward_slots,
             spec.max_steps,
+            ys_avals,
         )
-        return [*final, *stack, slot_pos]
+        return [*final, *ys, *stack, slot_pos]
+    if ys_avals:
+        if spec.max_steps is None:
+            raise AssertionError(
+                "loopax internal error: per-step outputs need max_steps; please "
+                "report a bug."
+            )
+        final, stacks = per_step_forward(
+            step, keep_going, init, ys_avals, spec.max_steps
+        )
+        return [*final, *stacks]
     return plain_forward(step, keep_going, init)
 
 
@@ -463,7 +464,7 @@ def _loop_partial_eval(trace, *tracers, body, cond, spec, record):
         known_final, known_ys, recorded = _split(known_out, [nk, nky])
     else:
         residual_const = ()
-        stepping = _keep_outputs(known_body, [True] * nk + [False] * n_res)
+        stepping = _keep_outputs(known_body, [True] * (nk + nky) + [False] * n_res)
         known_out = loop_p.bind(
             *known_consts,
             *known_init,
@@ -472,7 +473,7 @@ def _loop_partial_eval(trace, *tracers, body, cond, spec, record):
             spec=known_spec,
             record=True,
         )
-        known_final, known_ys, recorded = _split(known_out, [nk, 0])
+        known_final, known_ys, recorded = _split(known_out, [nk, nky])
 
     split = _Split(
         const_uk=tuple(const_uk),
@@ -670,9 +671,9 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
         def advance(state):
             return _call(advance_jaxpr, *k_consts, *state)
 
-        def transpose_step(state, ct_state):
+        def transpose_step(state, ct_state, k):
             residuals = _call(split.known_body, *k_consts, *state)[nk + nky :]
-            return transpose_unknown(residuals, ct_state)
+            return transpose_unknown(residuals, [*ct_state, *(y[k] for y in ct_ys)])
 
         stack, slot_pos = recorded[:-1], recorded[-1]
         injection = None

@@ -91,7 +91,8 @@ def recording_forward(
     checkpoints: int,
     forward_slots: Sequence[int] | None,
     max_steps: int | None,
-) -> tuple[Leaves, Leaves, Array]:
+    ys_shapes: Sequence[Any] = (),
+) -> tuple[Leaves, Leaves, Array, Leaves]:
     """The loop, also storing states in `checkpoints` slots.
 
     After each step the online rule (or the precomputed `forward_slots` table, for a
@@ -99,8 +100,11 @@ def recording_forward(
     the store is a `lax.cond`, so steps that do not save never touch the stack. Only
     the leaves marked `is_stored` (everything but buffers) are stored.
 
-    Returns the final state, the stack (one array per stored leaf) and `slot_pos`, the
-    step of the state held by each slot (-1: free).
+    Each step's extra outputs (`ys_shapes`, if any) are written to row `k` of arrays
+    of `max_steps` rows, as in `per_step_forward`.
+
+    Returns the final state, the stack (one array per stored leaf), `slot_pos`, the
+    step of the state held by each slot (-1: free), and the stacked extra outputs.
     """
 
     # The online rule's decisions depend only on `checkpoints` and the step, so the
@@ -131,23 +135,31 @@ def recording_forward(
         for x in pick(init, is_stored)
     ]
 
+    if ys_shapes and max_steps is None:
+        raise AssertionError(
+            "loopax internal error: per-step outputs need max_steps; please report a bug."
+        )
+    ys = [jnp.zeros((max_steps, *y.shape), y.dtype) for y in ys_shapes]
+
     def forward_step(carry):
-        state, stack, online = carry
-        state = step(state)[0]
-        slot, online = choose_slot(online, state[0])  # state[0]: the step counter.
+        state, stack, online, ys = carry
+        k = state[0]  # The step counter.
+        state, y = step(state)
+        ys = _write_slot(ys, k, y)
+        slot, online = choose_slot(online, state[0])
         stack = lax.cond(
             slot >= 0,
             lambda: _write_slot(stack, slot, pick(state, is_stored)),
             lambda: stack,
         )
-        return state, stack, online
+        return state, stack, online, ys
 
-    final, stack, online = lax.while_loop(
+    final, stack, online, ys = lax.while_loop(
         lambda c: keep_going(c[0]),
         forward_step,
-        (list(init), stack, online_init(checkpoints, jnp)),
+        (list(init), stack, online_init(checkpoints, jnp), ys),
     )
-    return final, stack, online.slot_pos
+    return final, stack, online.slot_pos, ys
 
 
 def per_step_forward(
@@ -246,7 +258,7 @@ def checkpointed_backward(
     *,
     while_loop: WhileLoop,
     advance: Callable[[Leaves], Leaves],
-    transpose_step: Callable[[Leaves, Leaves], tuple[Leaves, Leaves]],
+    transpose_step: Callable[[Leaves, Leaves, Any], tuple[Leaves, Leaves]],
     is_stored: Sequence[bool],
     init: Leaves,
     final: Leaves,
@@ -261,8 +273,8 @@ def checkpointed_backward(
     """Revolve reversal from the recorded checkpoints.
 
     - `advance(state) -> state`: one plain step of the (known, primal) loop.
-    - `transpose_step(state, ct) -> (ct_before, ct_consts)`: the transposed linear
-      step at `state` (the VJP of one step).
+    - `transpose_step(state, ct, k) -> (ct_before, ct_consts)`: the transposed linear
+      step at `state`, the state `x_k` (the VJP of step `k`).
     - `init`, `final`: the loop's first and last (known) states; `stack`, `slot_pos`:
       what `recording_forward` stored.
     - `stack_injection(k, ct) -> ct`: adds the cotangent of the state `x_k` coming
@@ -339,7 +351,9 @@ def checkpointed_backward(
         )
         if stack_injection is not None:
             ct_state = stack_injection(action.step + 1, ct_state)
-        ct_state, ct_step_consts = transpose_step(full_state(stored), ct_state)
+        ct_state, ct_step_consts = transpose_step(
+            full_state(stored), ct_state, action.step
+        )
         ct_consts = [a + b for a, b in zip(ct_consts, ct_step_consts, strict=True)]
         return restore(stack, action.restore_slot), stack, ct_state, ct_consts, control
 
