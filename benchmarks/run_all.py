@@ -43,6 +43,7 @@ SCRIPTS = {
     "buffers": (["--quick"], []),
     "scan": (["--quick"], []),
     "bounded": (["--quick"], []),
+    "transformations": (["--quick"], []),
     # Needs the `clients` extra (Diffrax); skipped when Diffrax is not installed.
     "clients": (["--quick"], []),
 }
@@ -227,6 +228,16 @@ def other_checks() -> list[dict]:
                 "check": "scan: evaluations / time targets (issue 5)",
                 "value": f"{len(notes) - len(missed)}/{len(notes)} met",
                 "status": status(not missed),
+            }
+        )
+    transformations = load("transformations")
+    if transformations is not None:
+        ratio = transformations["ratios"]["jvp checkpointed / jvp lax"]
+        rows.append(
+            {
+                "check": "transformations: jvp checkpointed / jvp lax <= 1.3 (issue 8)",
+                "value": ratio,
+                "status": status(ratio <= 1.3),
             }
         )
     bounded = load("bounded")
