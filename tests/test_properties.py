@@ -1,5 +1,6 @@
 """Property-based tests: random carries, trip counts, bounds, checkpoints, kinds, buffers
-and vmap, each checked against independent references.
+and vmap, each checked against independent references: the forward result, forward
+mode (`jax.jvp`, every kind) and reverse mode (the kinds that support it).
 
 Compiles are the expensive part, so every loop is a function of *traced* inputs (the
 trip count, the initial values, a closed-over weight) and is compiled once per
@@ -82,7 +83,8 @@ def _loss(final):
 
 @ft.cache
 def _compiled(kind, checkpoints, max_steps, buffers, batched):
-    """(forward, grad) of loopax for one combination of static options."""
+    """(forward, grad, jvp) of loopax for one combination of static options (grad is
+    `None` for the forward-only kind)."""
     options = dict(kind=kind, max_steps=max_steps)
     if kind == "checkpointed":
         options["checkpoints"] = checkpoints
@@ -98,16 +100,28 @@ def _compiled(kind, checkpoints, max_steps, buffers, batched):
         )
 
     forward = jax.jit(jax.vmap(run, (None, 0, 0)) if batched else run)
-    if kind == "lax":
-        return forward, None
     loss = lambda w, x, n: _loss(run(w, x, n))
+    if kind == "lax":
+        return forward, None, _jvp_of(loss, batched)
     grad = jax.grad(loss, argnums=(0, 1))
     if batched:
         grad = jax.grad(
             lambda w, x, n: jnp.sum(jax.vmap(loss, (None, 0, 0))(w, x, n)),
             argnums=(0, 1),
         )
-    return forward, jax.jit(grad)
+    return forward, jax.jit(grad), _jvp_of(loss, batched)
+
+
+def _jvp_of(loss, batched):
+    """Forward mode, which every kind supports: the loss's derivative in the
+    direction (1, 1, ...) of `(w, x)`."""
+
+    def jvp(w, x, n):
+        return jax.jvp(
+            lambda w, x: loss(w, x, n), (w, x), (jnp.ones_like(w), jnp.ones_like(x))
+        )
+
+    return jax.jit(jax.vmap(jvp, (None, 0, 0)) if batched else jvp)
 
 
 @ft.cache
@@ -128,7 +142,7 @@ def _reference(max_steps, batched):
         )
     else:
         grad = jax.grad(loss, argnums=(0, 1))
-    return jax.jit(forward), jax.jit(grad)
+    return jax.jit(forward), jax.jit(grad), _jvp_of(loss, batched)
 
 
 def _allclose(a, b):
@@ -180,9 +194,10 @@ def _cases(draw):
 
 def _check(case):
     kind, checkpoints, max_steps, buffers, batched, w, x, n = case
-    forward, grad = _compiled(kind, checkpoints, max_steps, buffers, batched)
-    ref_forward, ref_grad = _reference(max_steps, batched)
+    forward, grad, jvp = _compiled(kind, checkpoints, max_steps, buffers, batched)
+    ref_forward, ref_grad, ref_jvp = _reference(max_steps, batched)
     _allclose(forward(w, x, n), ref_forward(w, x, n))
+    _allclose(jvp(w, x, n), ref_jvp(w, x, n))
     if grad is not None:
         _allclose(grad(w, x, n), ref_grad(w, x, n))
 
