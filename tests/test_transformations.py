@@ -349,3 +349,22 @@ def test_fori_loop_jacfwd_with_traced_bounds():
 
 def ft_fori(lower, upper, body, init):
     return loopax.fori_loop(lower, upper, body, init, checkpoints=2)
+
+
+def test_inside_shard_map():
+    """Under `jax.shard_map` (with `check_vma=False`, see the FAQ): forward, grad and
+    jvp equal the unsharded loop's."""
+    mesh = jax.make_mesh((1,), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    sharded = jax.jit(
+        jax.shard_map(_inner, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    )
+    x = jax.device_put(
+        jnp.array([0.5, 1.5, 2.5, -1.0]), jax.sharding.NamedSharding(mesh, spec)
+    )
+    assert_tree_allclose(sharded(x), _inner_ref(x))
+    assert_tree_allclose(
+        jax.grad(lambda y: jnp.sum(sharded(y)))(x),
+        jax.grad(lambda y: jnp.sum(_inner_ref(y)))(x),
+    )
+    assert_tree_allclose(jax.jvp(sharded, (x,), (x,)), jax.jvp(_inner_ref, (x,), (x,)))
