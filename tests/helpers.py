@@ -8,6 +8,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array
 
+import loopax
+
 
 KINDS = ("lax", "checkpointed", "bounded")
 REVERSE_KINDS = ("checkpointed", "bounded")
@@ -79,6 +81,26 @@ def scan_reference_loop(cond_fun, body_fun, init_val, max_steps):
         return lax.cond(keep, body_fun, lambda c: c, carry), None
 
     return lax.scan(step, init_val, None, length=max_steps)[0]
+
+
+# A three-step toy loop, for tests about arguments and errors rather than results.
+
+
+def toy_cond(c):
+    return c[0] < 3
+
+
+def toy_body(c):
+    return c[0] + 1, c[1] * 2.0
+
+
+def toy_init():
+    return jnp.array(0), jnp.ones(3)
+
+
+def toy_loop(**kwargs):
+    """`loopax.while_loop` of the toy loop with `kwargs`."""
+    return loopax.while_loop(toy_cond, toy_body, toy_init(), **kwargs)
 
 
 class Pair(eqx.Module):

@@ -21,6 +21,7 @@ import types
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import toy_body, toy_cond, toy_init, toy_loop
 
 import loopax
 from loopax._schedule.picture import plot, trace
@@ -66,22 +67,6 @@ def _pattern(message: str) -> str:
 # -- triggers: one per catalogue entry ------------------------------------------------
 
 
-def _cond(c):
-    return c[0] < 3
-
-
-def _body(c):
-    return c[0] + 1, c[1] * 2.0
-
-
-def _init():
-    return jnp.array(0), jnp.ones(3)
-
-
-def _loop(**kwargs):
-    return loopax.while_loop(_cond, _body, _init(), **kwargs)
-
-
 def _buffer_loop(body, kind="lax"):
     def run():
         return loopax.while_loop(
@@ -110,35 +95,35 @@ def _no_matplotlib():
 
 
 _TRIGGERS = {
-    "kind": lambda: _loop(kind="foo"),
+    "kind": lambda: toy_loop(kind="foo"),
     "scan-kind": lambda: loopax.scan(
         lambda c, x: (c, x), 0.0, jnp.ones(2), kind="bounded"
     ),
-    "max-steps": lambda: _loop(max_steps=-1),
-    "static-int": lambda: jax.jit(lambda m: _loop(kind="lax", max_steps=m))(3),
-    "max-steps-int32": lambda: _loop(max_steps=2**31),
-    "checkpoints": lambda: _loop(checkpoints=0),
-    "base": lambda: _loop(kind="bounded", max_steps=3, base=1),
-    "bounded-needs-max-steps": lambda: _loop(kind="bounded"),
+    "max-steps": lambda: toy_loop(max_steps=-1),
+    "static-int": lambda: jax.jit(lambda m: toy_loop(kind="lax", max_steps=m))(3),
+    "max-steps-int32": lambda: toy_loop(max_steps=2**31),
+    "checkpoints": lambda: toy_loop(checkpoints=0),
+    "base": lambda: toy_loop(kind="bounded", max_steps=3, base=1),
+    "bounded-needs-max-steps": lambda: toy_loop(kind="bounded"),
     "fori-bounded-needs-max-steps": lambda: jax.jit(
         lambda n: loopax.fori_loop(0, n, lambda i, v: v, 0.0, kind="bounded")
     )(3),
-    "auto-needs-budget": lambda: _loop(checkpoints="auto"),
-    "budget-without-auto": lambda: _loop(checkpoints=4, memory_budget="1GiB"),
-    "memory-budget-value": lambda: _loop(checkpoints="auto", memory_budget="lots"),
-    "memory-budget-type": lambda: _loop(checkpoints="auto", memory_budget=1.5),
-    "memory-budget-positive": lambda: _loop(checkpoints="auto", memory_budget=0),
-    "budget-too-small": lambda: _loop(checkpoints="auto", memory_budget=4),
+    "auto-needs-budget": lambda: toy_loop(checkpoints="auto"),
+    "budget-without-auto": lambda: toy_loop(checkpoints=4, memory_budget="1GiB"),
+    "memory-budget-value": lambda: toy_loop(checkpoints="auto", memory_budget="lots"),
+    "memory-budget-type": lambda: toy_loop(checkpoints="auto", memory_budget=1.5),
+    "memory-budget-positive": lambda: toy_loop(checkpoints="auto", memory_budget=0),
+    "budget-too-small": lambda: toy_loop(checkpoints="auto", memory_budget=4),
     "budget-no-bytes": lambda: loopax.checkpoints_for_budget(
         {"b": jnp.zeros(3)}, "1KiB", buffers=lambda c: c["b"]
     ),
-    "check-buffers-type": lambda: _loop(check_buffers=1),
-    "not-callable": lambda: loopax.while_loop(3, _body, _init()),
+    "check-buffers-type": lambda: toy_loop(check_buffers=1),
+    "not-callable": lambda: loopax.while_loop(3, toy_body, toy_init()),
     "fori-body-not-callable": lambda: loopax.fori_loop(0, 3, None, 0.0),
     "scan-f-not-callable": lambda: loopax.scan(None, 0.0, jnp.ones(2)),
-    "cond-output": lambda: loopax.while_loop(lambda c: c[0], _body, _init()),
+    "cond-output": lambda: loopax.while_loop(lambda c: c[0], toy_body, toy_init()),
     "body-output": lambda: loopax.while_loop(
-        _cond, lambda c: (c[0] + 1, c[1].astype(jnp.float16)), _init()
+        toy_cond, lambda c: (c[0] + 1, c[1].astype(jnp.float16)), toy_init()
     ),
     "scan-f-pair": lambda: loopax.scan(lambda c, x: c, 0.0, jnp.ones(2)),
     "scan-f-carry": lambda: loopax.scan(
@@ -161,9 +146,9 @@ _TRIGGERS = {
         lambda c, x: (c, x), 0.0, jnp.ones(2), length=3
     ),
     "scan-needs-length": lambda: loopax.scan(lambda c, x: (c, x), 0.0, None),
-    "buffers-not-callable": lambda: _loop(buffers=3),
-    "buffers-call-failed": lambda: _loop(buffers=lambda c: c["missing"]),
-    "buffers-not-in-carry": lambda: _loop(buffers=lambda c: jnp.zeros(3)),
+    "buffers-not-callable": lambda: toy_loop(buffers=3),
+    "buffers-call-failed": lambda: toy_loop(buffers=lambda c: c["missing"]),
+    "buffers-not-in-carry": lambda: toy_loop(buffers=lambda c: jnp.zeros(3)),
     "second-write": lambda: _buffer_loop(lambda c: (c[0] + 1, c[1].at[0].set(1.0))),
     "unwritten-read": lambda: _buffer_loop(
         lambda c: (c[0] + 1, c[1].at[c[0]].set(c[1][2]))
@@ -172,7 +157,7 @@ _TRIGGERS = {
         lambda c: (c[0] + 1, c[1].at[c[0] + 3].set(1.0))
     ),
     "lax-reverse-mode": lambda: jax.grad(
-        lambda x: loopax.while_loop(_cond, _body, (0, x), kind="lax")[1].sum()
+        lambda x: loopax.while_loop(toy_cond, toy_body, (0, x), kind="lax")[1].sum()
     )(jnp.ones(3)),
     "scan-lax-reverse-mode": lambda: jax.grad(
         lambda x: loopax.scan(lambda c, x: (c * x, x), x, jnp.ones(2), kind="lax")[0]

@@ -5,25 +5,9 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import KINDS, loop_kwargs
+from helpers import KINDS, loop_kwargs, toy_body, toy_cond, toy_init, toy_loop
 
 import loopax
-
-
-def _cond(c):
-    return c[0] < 3
-
-
-def _body(c):
-    return c[0] + 1, c[1] * 2.0
-
-
-def _init():
-    return jnp.array(0), jnp.ones(3)
-
-
-def _loop(**kwargs):
-    return loopax.while_loop(_cond, _body, _init(), **kwargs)
 
 
 # -- options --------------------------------------------------------------------------
@@ -36,7 +20,7 @@ def test_unknown_kind(kind):
         rf"got {re.escape(repr(kind))}\. Use kind="
     )
     with pytest.raises(ValueError, match=match):
-        _loop(kind=kind)
+        toy_loop(kind=kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -51,12 +35,12 @@ def test_bad_max_steps(kind, max_steps, error):
         rf"{re.escape(repr(max_steps))}\. Pass an int bound"
     )
     with pytest.raises(error, match=match):
-        _loop(kind=kind, max_steps=max_steps)
+        toy_loop(kind=kind, max_steps=max_steps)
 
 
 def test_traced_max_steps():
     with pytest.raises(TypeError, match="`max_steps` .* must be a static Python int"):
-        jax.jit(lambda m: _loop(kind="lax", max_steps=m))(3)
+        jax.jit(lambda m: toy_loop(kind="lax", max_steps=m))(3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,7 +54,7 @@ def test_bad_checkpoints(kind, checkpoints, error):
         rf"{re.escape(repr(checkpoints))}\. Pass how many loop states"
     )
     with pytest.raises(error, match=match):
-        _loop(**loop_kwargs(kind, checkpoints=checkpoints))
+        toy_loop(**loop_kwargs(kind, checkpoints=checkpoints))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -85,13 +69,13 @@ def test_bad_base(kind, base, error):
         r"Pass the length of the innermost scan"
     )
     with pytest.raises(error, match=match):
-        _loop(**loop_kwargs(kind, base=base))
+        toy_loop(**loop_kwargs(kind, base=base))
 
 
 def test_good_integer_like_options_are_accepted():
     import numpy as np
 
-    out = _loop(kind="lax", max_steps=np.int64(2), checkpoints=np.int32(1), base=2)
+    out = toy_loop(kind="lax", max_steps=np.int64(2), checkpoints=np.int32(1), base=2)
     assert int(out[0]) == 2
 
 
@@ -99,7 +83,7 @@ def test_bounded_needs_max_steps():
     with pytest.raises(
         ValueError, match=r"kind='bounded' needs `max_steps`: pass an int bound"
     ):
-        _loop(kind="bounded")
+        toy_loop(kind="bounded")
 
 
 # -- callables ------------------------------------------------------------------------
@@ -108,13 +92,13 @@ def test_bounded_needs_max_steps():
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_callable_cond_fun(kind):
     with pytest.raises(TypeError, match=r"`cond_fun` must be callable .*, got 3"):
-        loopax.while_loop(3, _body, _init(), **loop_kwargs(kind))
+        loopax.while_loop(3, toy_body, toy_init(), **loop_kwargs(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_callable_body_fun(kind):
     with pytest.raises(TypeError, match=r"`body_fun` must be callable .*, got 'x'"):
-        loopax.while_loop(_cond, "x", _init(), **loop_kwargs(kind))
+        loopax.while_loop(toy_cond, "x", toy_init(), **loop_kwargs(kind))
 
 
 # -- body output ----------------------------------------------------------------------
@@ -162,13 +146,13 @@ _BODY_MESSAGE = (
 )
 def test_body_output_differs(kind, body, detail):
     with pytest.raises(TypeError, match=_BODY_MESSAGE) as info:
-        loopax.while_loop(_cond, body, _init(), **loop_kwargs(kind))
+        loopax.while_loop(toy_cond, body, toy_init(), **loop_kwargs(kind))
     assert re.search(detail, str(info.value)), str(info.value)
 
 
 def test_body_output_message_lists_unchanged_leaves_unmarked():
     with pytest.raises(TypeError, match=_BODY_MESSAGE) as info:
-        loopax.while_loop(_cond, lambda c: (c[0] + 1, jnp.ones(4)), _init())
+        loopax.while_loop(toy_cond, lambda c: (c[0] + 1, jnp.ones(4)), toy_init())
     lines = str(info.value).splitlines()
     assert "   [0]: input int32[], output int32[]" in lines
     assert ">> [1]: input float32[3], output float32[4]" in lines
@@ -201,12 +185,12 @@ _COND_MESSAGE = r"`cond_fun` must return a boolean scalar, but it returned "
 )
 def test_cond_fun_not_boolean_scalar(kind, cond, got):
     with pytest.raises(TypeError, match=_COND_MESSAGE + got):
-        loopax.while_loop(cond, _body, _init(), **loop_kwargs(kind))
+        loopax.while_loop(cond, toy_body, toy_init(), **loop_kwargs(kind))
 
 
 def test_cond_fun_not_boolean_scalar_under_vmap():
     def run(x):
-        return loopax.while_loop(lambda c: c[1] > 0, _body, (jnp.array(0), x))
+        return loopax.while_loop(lambda c: c[1] > 0, toy_body, (jnp.array(0), x))
 
     with pytest.raises(TypeError, match=_COND_MESSAGE + r"bool\[3\]"):
         jax.vmap(run)(jnp.ones((2, 3)))
@@ -223,7 +207,7 @@ def test_buffers_not_callable(kind, buffers):
         rf"got {re.escape(repr(buffers))}\. Pass e\.g\. `buffers=lambda carry"
     )
     with pytest.raises(TypeError, match=match):
-        _loop(**loop_kwargs(kind, buffers=buffers))
+        toy_loop(**loop_kwargs(kind, buffers=buffers))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -242,7 +226,7 @@ def test_buffers_not_in_carry(kind, buffers):
         match=r"`buffers` must return arrays of the carry .* which is not part of the "
         r"carry\. Return the carry's own arrays",
     ):
-        _loop(**loop_kwargs(kind, buffers=buffers))
+        toy_loop(**loop_kwargs(kind, buffers=buffers))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -250,7 +234,7 @@ def test_buffers_fails_on_carry(kind):
     with pytest.raises(
         TypeError, match=r"`buffers` must be a function .* calling it failed with"
     ):
-        _loop(**loop_kwargs(kind, buffers=lambda c: c["missing"]))
+        toy_loop(**loop_kwargs(kind, buffers=lambda c: c["missing"]))
 
 
 def test_max_steps_beyond_int32_is_rejected():

@@ -27,7 +27,7 @@ checkpoint schedules and per-step outputs are keyed on it.
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -408,18 +408,62 @@ def _split_body(
         carry_uk = grown
 
 
-def _loop_partial_eval(trace, *tracers, body, cond, spec, record):
-    params = dict(body=body, cond=cond, spec=spec, record=record)
-    unknown = [not t.pval.is_known() for t in tracers]
-    nc = spec.num_consts
-    const_uk = unknown[:nc]
+class _KnownPart(NamedTuple):
+    """The known part of a loop whose inputs are partly unknown (`_split_body`), and
+    what a loop over it needs: its predicate and spec."""
+
+    known_body: ClosedJaxpr
+    unknown_body: ClosedJaxpr
+    const_uk: list[bool]
+    carry_uk: list[bool]
+    ys_uk: list[bool]
+    cond: ClosedJaxpr
+    spec: LoopSpec
+    # The loop's length depends on an unknown: nothing can be split off.
+    splittable: bool
+
+    @property
+    def num_known(self) -> tuple[int, int]:
+        """Known carry leaves and known per-step outputs."""
+        return self.carry_uk.count(False), self.ys_uk.count(False)
+
+
+def _known_part(
+    body: ClosedJaxpr, cond: ClosedJaxpr, spec: LoopSpec, unknown: Sequence[bool]
+) -> _KnownPart:
+    const_uk = list(unknown[: spec.num_consts])
     known_body, unknown_body, carry_uk, ys_uk = _split_body(
-        body, const_uk, unknown[nc:]
+        body, const_uk, list(unknown[spec.num_consts :])
     )
     cond_known, _, (cond_uk,), _ = pe.partial_eval_jaxpr_nounits(
         cond, const_uk + carry_uk, instantiate=False
     )
-    if not any(unknown) or cond_uk or carry_uk[0] or all(const_uk + carry_uk):
+    cond_known = _keep_outputs(
+        cond_known, [True] + [False] * (len(cond_known.out_avals) - 1)
+    )
+    known_spec = spec.replace(
+        num_consts=const_uk.count(False),
+        is_buffer=tuple(pick(spec.is_buffer, carry_uk, False)),
+    )
+    return _KnownPart(
+        known_body,
+        unknown_body,
+        const_uk,
+        carry_uk,
+        ys_uk,
+        cond_known,
+        known_spec,
+        splittable=not (cond_uk or carry_uk[0]),
+    )
+
+
+def _loop_partial_eval(trace, *tracers, body, cond, spec, record):
+    params = dict(body=body, cond=cond, spec=spec, record=record)
+    unknown = [not t.pval.is_known() for t in tracers]
+    part = _known_part(body, cond, spec, unknown)
+    const_uk, carry_uk, ys_uk = part.const_uk, part.carry_uk, part.ys_uk
+    known_body = part.known_body
+    if not any(unknown) or not part.splittable or all(const_uk + carry_uk):
         # Nothing known to split off (or the loop's length itself is unknown).
         return trace.default_process_primitive(loop_p, tracers, params)
 
@@ -432,55 +476,37 @@ def _loop_partial_eval(trace, *tracers, body, cond, spec, record):
         known_in[: const_uk.count(False)],
         known_in[const_uk.count(False) :],
     )
-    known_spec = spec.replace(
-        num_consts=len(known_consts),
-        is_buffer=tuple(pick(spec.is_buffer, carry_uk, False)),
-    )
-    cond_known = _keep_outputs(
-        cond_known, [True] + [False] * (len(cond_known.out_avals) - 1)
-    )
-    nk, nky = carry_uk.count(False), ys_uk.count(False)
-    n_res = len(known_body.out_avals) - nk - nky
-
+    nk, nky = part.num_known
     if spec.store_all:
-        # Like `lax.scan`: stack each step's residuals, except those that are known
-        # constants (e.g. weight matrices), which are passed once.
+        # Like `lax.scan`: stack each step's residuals as per-step outputs, except
+        # those that are known constants (e.g. weight matrices), which are passed
+        # once. Nothing else is recorded.
         const_vars = known_body.jaxpr.invars[: len(known_consts)]
         residual_const = tuple(
             next((i for i, v in enumerate(const_vars) if v is r), -1)
             for r in known_body.jaxpr.outvars[nk + nky :]
         )
-        stepping = _keep_outputs(
-            known_body, [True] * (nk + nky) + [i < 0 for i in residual_const]
-        )
-        known_out = loop_p.bind(
-            *known_consts,
-            *known_init,
-            body=stepping,
-            cond=cond_known,
-            spec=known_spec,
-            record=False,
-        )
-        known_final, known_ys, recorded = _split(known_out, [nk, nky])
+        stacked_residuals = [i < 0 for i in residual_const]
     else:
+        # Record checkpoints; the residuals are recomputed from them.
         residual_const = ()
-        stepping = _keep_outputs(known_body, [True] * (nk + nky) + [False] * n_res)
-        known_out = loop_p.bind(
-            *known_consts,
-            *known_init,
-            body=stepping,
-            cond=cond_known,
-            spec=known_spec,
-            record=True,
-        )
-        known_final, known_ys, recorded = _split(known_out, [nk, nky])
+        stacked_residuals = [False] * (len(known_body.out_avals) - nk - nky)
+    known_out = loop_p.bind(
+        *known_consts,
+        *known_init,
+        body=_keep_outputs(known_body, [True] * (nk + nky) + stacked_residuals),
+        cond=part.cond,
+        spec=part.spec,
+        record=not spec.store_all,
+    )
+    known_final, known_ys, recorded = _split(known_out, [nk, nky])
 
     split = _Split(
         const_uk=tuple(const_uk),
         carry_uk=tuple(carry_uk),
         ys_uk=tuple(ys_uk),
         known_body=known_body,
-        unknown_body=unknown_body,
+        unknown_body=part.unknown_body,
         residual_const=residual_const,
     )
     residuals = [*known_consts, *known_init, *known_final, *recorded]
@@ -520,41 +546,29 @@ def _loop_partial_eval_custom(saveable, unks_in, inst_in, eqn):
     body, cond, spec, record = (
         eqn.params[k] for k in ("body", "cond", "spec", "record")
     )
-    nc = spec.num_consts
-    const_uk = list(unks_in[:nc])
-    known_body, _, carry_uk, ys_uk = _split_body(body, const_uk, list(unks_in[nc:]))
-    cond_known, _, (cond_uk,), _ = pe.partial_eval_jaxpr_nounits(
-        cond, const_uk + carry_uk, instantiate=False
-    )
-    out_uk = carry_uk + ys_uk
+    part = _known_part(body, cond, spec, unks_in)
+    out_uk = part.carry_uk + part.ys_uk
     if record:
-        out_uk += pick(carry_uk, spec.is_stored) + [False]
+        out_uk += pick(part.carry_uk, spec.is_stored) + [False]
     new_inst = [
         x
         for x, inst in zip(eqn.invars, inst_in, strict=True)
         if type(x) is Var and not inst
     ]
-    if cond_uk or carry_uk[0]:
+    if not part.splittable:
         return None, eqn, [True] * len(eqn.outvars), [True] * len(eqn.outvars), new_inst
-    nk, nky = carry_uk.count(False), ys_uk.count(False)
+    nk, nky = part.num_known
     stepping = _keep_outputs(
-        known_body,
-        [True] * (nk + nky) + [False] * (len(known_body.out_avals) - nk - nky),
+        part.known_body,
+        [True] * (nk + nky) + [False] * (len(part.known_body.out_avals) - nk - nky),
     )
-    cond_known = _keep_outputs(
-        cond_known, [True] + [False] * (len(cond_known.out_avals) - 1)
-    )
-    known_spec = spec.replace(
-        num_consts=const_uk.count(False),
-        is_buffer=tuple(pick(spec.is_buffer, carry_uk, False)),
-    )
-    params_known = dict(body=stepping, cond=cond_known, spec=known_spec, record=record)
+    params_known = dict(body=stepping, cond=part.cond, spec=part.spec, record=record)
     eqn_known = new_jaxpr_eqn(
-        pick(eqn.invars, const_uk + carry_uk, False),
+        pick(eqn.invars, part.const_uk + part.carry_uk, False),
         pick(eqn.outvars, out_uk, False),
         loop_p,
         params_known,
-        stepping.effects | cond_known.effects,
+        stepping.effects | part.cond.effects,
         eqn.source_info,
         eqn.ctx,
     )
