@@ -1,7 +1,8 @@
 """`loopax.scan`: `jax.lax.scan` with a bounded-memory, optimally recomputing gradient.
 
-The scan is rewritten as a while loop over `(i, carry)`: step `i` reads `xs[i]`
-(`xs[length - 1 - i]` when `reverse`) and calls `f`. With `kind="checkpointed"` each
+The scan is rewritten as a while loop over the carry: step `i` (the loop's own step
+counter, `Loop(body_takes_step=True)`) reads `xs[i]` (`xs[length - 1 - i]` when
+`reverse`) and calls `f`. With `kind="checkpointed"` each
 step's `y` is a per-step output of the checkpointed loop, stacked by the loop itself
 (never stored in checkpoints; in reverse mode each step reads its own row of the
 cotangent, as in `lax.scan`). With `kind="lax"` the loop carries preallocated stacked
@@ -31,7 +32,7 @@ from ._while_loop import buffer_names, check_loop_options
 def _scan_check_names(
     f: Any, check_buffers: bool
 ) -> Callable[[Any], str | None] | None:
-    """`check_names` for the scan's `Loop` over `(i, init, ys)`: the user's buffers
+    """`check_names` for the scan's `Loop` over `(init, ys)` or `(init,)`: the user's buffers
     in `init` are named after `init` (or as `f` says); the stacked outputs `ys`, which
     the scan itself writes once per row, are not checked."""
     if not check_buffers:
@@ -39,7 +40,7 @@ def _scan_check_names(
     names = buffer_names(f, "init")
 
     def check_names(path):
-        if path and path[0] == jtu.SequenceKey(1):
+        if path and path[0] == jtu.SequenceKey(0):
             return names(path[1:])
         return None
 
@@ -266,7 +267,9 @@ def scan(
         return init, ys
 
     def cond_fun(c):
-        return c[0] < num_steps
+        # The loop's own step counter (`body_takes_step`) runs to `max_steps`.
+        del c
+        return jnp.array(True)
 
     def step(i, carry):
         """Step `i` of the scan: the new carry, the output `y` and its row."""
@@ -299,19 +302,20 @@ def scan(
     # then reads one row of their cotangent per step, as `lax.scan` does.
     outputs = []
 
-    def body_fun(c):
-        i, carry = c
+    def body_fun(i, c):
+        (carry,) = c
         carry, y, _ = step(i, carry)
         outputs.append(y)
-        return i + 1, carry
+        return (carry,)
 
     loop = Loop(
         cond_fun,
         body_fun,
-        (jnp.array(0, jnp.int32), init),
+        (init,),
         num_steps,
-        None if user_buffers is None else lambda c: user_buffers(c[1]),
+        None if user_buffers is None else lambda c: user_buffers(c[0]),
         check_names=check_names,
+        body_takes_step=True,
     )
     final, ys = checkpointed_while_loop(
         loop,
@@ -321,7 +325,7 @@ def scan(
     )
     if reverse:  # Row k holds step k's output, which belongs at row n - 1 - k.
         ys = jtu.tree_map(lambda a: a[::-1], ys)
-    _, carry = loop.final_value(final.value)
+    (carry,) = loop.final_value(final.value)
     return carry, ys
 
 
@@ -330,8 +334,8 @@ def _scan_with_ys_in_carry(
 ):
     """`kind="lax"`: the outputs are buffers in the carry of a `lax.while_loop`."""
 
-    def body_fun(c):
-        i, carry, ys = c
+    def body_fun(i, c):
+        carry, ys = c
         carry, y, index = step(i, carry)
         ys = jtu.tree_map(
             lambda buf, v: buffer_at_set(buf, index, v),
@@ -339,19 +343,20 @@ def _scan_with_ys_in_carry(
             y,
             is_leaf=lambda b: isinstance(b, Buffer),
         )
-        return i + 1, carry, ys
+        return carry, ys
 
     def loop_buffers(c):
-        return (None if user_buffers is None else user_buffers(c[1])), c[2]
+        return (None if user_buffers is None else user_buffers(c[0])), c[1]
 
     loop = Loop(
         cond_fun,
         body_fun,
-        (jnp.array(0, jnp.int32), init, ys),
+        (init, ys),
         num_steps,
         loop_buffers,
         check_names=check_names,
+        body_takes_step=True,
     )
     final = lax_while_loop(loop, reverse_mode_error=_REVERSE_MODE_ERROR)
-    _, carry, ys = loop.final_value(final.value)
+    carry, ys = loop.final_value(final.value)
     return carry, ys

@@ -89,6 +89,9 @@ class Loop:
     - `init_val`: the (already `jnp.asarray`-normalised) initial carry.
     - `max_steps`: the maximum number of body calls, or `None` for no bound.
     - `buffers`: as `loopax.while_loop`, or `None`.
+    - `body_takes_step`: call `body_fun(step, carry)` with the loop's own step counter
+        (`loopax.scan` indexes its inputs with it instead of carrying a second
+        counter, which every checkpoint would store and every recomputation advance).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Loop:
         buffers: Callable[[Any], Any] | None,
         *,
         check_names: Callable[[Any], str | None] | None = None,
+        body_takes_step: bool = False,
     ):
         leaves, self._treedef = jtu.tree_flatten(init_val, is_leaf=_is_buffer)
         selected = (
@@ -123,6 +127,7 @@ class Loop:
         )
         self.cond_fun = cond_fun
         self.body_fun = body_fun
+        self._body_takes_step = body_takes_step
         self.max_steps = max_steps
         self._init_checks(init_val, check_names)
 
@@ -253,7 +258,11 @@ class Loop:
         leaves by a `select` after the body; outside `vmap` both fold away."""
         mask = active_mask(self._keep_going(state.step, state.value))
         carry = self._as_user_carry(state.value, self._show_as_buffer, mask)
-        out = self.body_fun(carry)
+        out = (
+            self.body_fun(state.step, carry)
+            if self._body_takes_step
+            else self.body_fun(carry)
+        )
         value, written = self._split(state.value)
         unwrapped = jtu.tree_map(_unwrap, out, is_leaf=_is_buffer)
         _check_body_output(value, unwrapped)

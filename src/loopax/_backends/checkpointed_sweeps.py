@@ -20,7 +20,6 @@ from jaxtyping import Array
 
 from .._schedule import (
     OnlineState,
-    ReverseAction,
     forward_slots as online_forward_slots,
     online_init,
     online_step,
@@ -188,70 +187,99 @@ def per_step_forward(
 class _OnlineController:
     """The reverse controller (`_schedule/reverse.py`) run inside the compiled sweep:
     it plans from the recorded `slot_pos` and the trip count, known only at run time.
+
+    Its state between segments is `(reverse state, whether the last segment ended at
+    the VJP, the slot to restore after that VJP)`.
     """
 
     def __init__(self, checkpoints: int):
         self.checkpoints = checkpoints
 
     def init(self, slot_pos, num_steps):
-        return reverse_init(slot_pos, num_steps, self.checkpoints, jnp)
+        restore_slot, state = reverse_init(slot_pos, num_steps, self.checkpoints, jnp)
+        return restore_slot, (state, jnp.array(False), jnp.int32(-1))
 
-    def plain_advances(self, control):
-        return plain_advances(control, jnp)
+    def start_vjp(self, control, vjp_index):
+        del vjp_index
+        state, _, restore_slot = control
+        return state, jnp.array(False), restore_slot
 
-    def advanced(self, control, count):
-        return control._replace(cur=control.cur + count)
+    def segment(self, control):
+        state = control[0]
+        count = plain_advances(state, jnp)
+        state = state._replace(cur=state.cur + count)
+        action, state = reverse_step(state, jnp)
+        runs = count + jnp.logical_not(action.is_vjp).astype(jnp.int32)
+        store_slot = action.store_slot
+        control = (state, action.is_vjp, action.restore_slot)
+        return runs, store_slot >= 0, lambda: store_slot, control
 
-    def step(self, control):
-        return reverse_step(control, jnp)
+    def more_segments(self, control):
+        return jnp.logical_not(control[1])
 
-    def done(self, control):
-        return reverse_done(control, jnp)
+    def restore_slot(self, control, vjp_index):
+        del vjp_index
+        return control[2]
 
 
 class _TableController:
     """The same controller for a loop whose trip count and forward placement are known
     up front (`loopax.scan`): every decision is computed at trace time (with the very
-    same code, in NumPy) and the sweep only looks them up, one table row per
-    controller step. For small bodies the controller's scalar arithmetic otherwise
-    costs more than the body."""
+    same code, in NumPy) and the sweep only looks them up. For small bodies the
+    controller's scalar arithmetic otherwise costs more than the body.
+
+    A segment is one table row: `runs` advances, then a store into `store_slot` (-1:
+    none). VJP `j` (of step `n - 1 - j`) follows the segments up to row
+    `last_row[j]`, then restores from `restore_after[j]`. Its state between segments
+    is `(next row, last row of the current VJP)`."""
 
     def __init__(self, checkpoints: int, forward_slots: Sequence[int]):
         slot_pos = np.full((checkpoints,), -1, dtype=np.int32)
         for k, slot in enumerate(forward_slots, start=1):
             if slot >= 0:
                 slot_pos[slot] = k
-        self.restore_slot, state = reverse_init(
+        self.first_restore, state = reverse_init(
             slot_pos, np.int32(len(forward_slots)), checkpoints, np
         )
-        rows = []
+        runs, store_slot, last_row, restore_after = [], [], [], []
         while not reverse_done(state, np):
             count = plain_advances(state)
             state = state._replace(cur=np.int32(state.cur + count))
             action, state = reverse_step(state, np)
-            rows.append((count, *(int(x) for x in action)))
-        rows.append((0, 1, 0, -1, -1))  # Never read: keeps indexing in range.
-        self.table = jnp.asarray(np.array(rows, dtype=np.int32).T)  # [5, steps + 1]
-        self.num_rows = len(rows) - 1
+            runs.append(count + (not action.is_vjp))
+            store_slot.append(int(action.store_slot))
+            if action.is_vjp:
+                last_row.append(len(runs) - 1)
+                restore_after.append(int(action.restore_slot))
+
+        def table(values):
+            # One spare entry: never read, keeps the lookups in range for n = 0.
+            return jnp.asarray(np.array([*values, 0], dtype=np.int32))
+
+        self.runs, self.store_slot = table(runs), table(store_slot)
+        self.last_row, self.restore_after = table(last_row), table(restore_after)
 
     def init(self, slot_pos, num_steps):
         del slot_pos, num_steps
-        return jnp.int32(self.restore_slot), jnp.int32(0)
+        return jnp.int32(self.first_restore), (jnp.int32(0), jnp.int32(0))
 
-    def plain_advances(self, row):
-        return self.table[0, row]
+    def start_vjp(self, control, vjp_index):
+        return control[0], self.last_row[vjp_index]
 
-    def advanced(self, row, count):
-        del count
-        return row
+    def segment(self, control):
+        row, last = control
+        # The slot is looked up inside the store's branch: one operation fewer in the
+        # segment loop's body (see `checkpointed_backward`).
+        store = self.store_slot[row] >= 0
+        return self.runs[row], store, lambda: self.store_slot[row], (row + 1, last)
 
-    def step(self, row):
-        is_vjp, step, store_slot, restore_slot = self.table[1:, row]
-        action = ReverseAction(is_vjp.astype(bool), step, store_slot, restore_slot)
-        return action, row + 1
+    def more_segments(self, control):
+        row, last = control
+        return row <= last
 
-    def done(self, row):
-        return row >= self.num_rows
+    def restore_slot(self, control, vjp_index):
+        del control
+        return self.restore_after[vjp_index]
 
 
 def checkpointed_backward(
@@ -283,15 +311,18 @@ def checkpointed_backward(
     - `forward_slots`: for a loop of known length, the forward placement table; the
       whole reverse schedule is then computed at trace time.
 
-    One `while_loop` executes the reverse controller (`_schedule/reverse.py`): each
-    iteration runs every advance up to the next VJP (plain advances as a tight
-    inner loop), then that VJP, then restores the next state from a slot. The sweep
-    carries only the stored (non-buffer) leaves: every step reads the *final*
-    buffers, which by the buffer contract hold every value any step reads.
+    The reverse controller (`_schedule/reverse.py`) emits the VJPs of steps
+    `n - 1, ..., 0` in order; before each, some *segments*: a run of advances, then
+    possibly a store. One `while_loop` iteration per VJP runs its segments (an inner
+    loop, whose body is an advance loop and a store), the VJP, and restores the next
+    state from a slot. The sweep carries only the stored (non-buffer) leaves: every
+    step reads the *final* buffers, which by the buffer contract hold every value any
+    step reads.
 
     Returns the cotangents of the initial state and of the constants.
     """
     init_stored = pick(init, is_stored)
+    num_steps = final[0]
     controller = (
         _OnlineController(checkpoints)
         if forward_slots is None
@@ -309,58 +340,60 @@ def checkpointed_backward(
         return pick(advance(full_state(stored)), is_stored)
 
     def segment(carry):
-        """Up to the next controller decision: the plain advances ahead, then either a
-        store-advance (which is one more advance, then a store) or the next VJP (left
-        to the caller). The decision is looked up *before* advancing: the controller
-        depends on step indices only, never on the states."""
-        stack, stored, _, control = carry
-        count = controller.plain_advances(control)
-        action, control = controller.step(controller.advanced(control, count))
-        runs = count + jnp.logical_not(action.is_vjp).astype(jnp.int32)
+        """`runs` advances (a tight count-down loop), then a store if asked for. The
+        controller depends on step indices only, never on the states, so what to do
+        is known before advancing."""
+        stack, stored, control = carry
+        runs, store, store_slot, control = controller.segment(control)
         _, stored = while_loop(
-            lambda c: c[0] < runs,
-            lambda c: (c[0] + 1, advance_stored(c[1])),
-            (jnp.int32(0), stored),
+            lambda c: c[0] > 0,
+            lambda c: (c[0] - 1, advance_stored(c[1])),
+            (runs, stored),
         )
         stack = lax.cond(
-            action.store_slot >= 0,
-            lambda: _write_slot(stack, action.store_slot, stored),
-            lambda: stack,
+            store, lambda: _write_slot(stack, store_slot(), stored), lambda: stack
         )
-        return stack, stored, action, control
+        return stack, stored, control
 
     def reverse_iteration(carry):
-        """Every advance up to the next VJP, then that VJP.
+        """VJP `j`, of step `n - 1 - j`, with the segments before it.
 
         No stack- or buffer-sized value passes through a `lax.cond` with two live
         branches: XLA copies such operands, which would cost a copy of the stack (or
-        of a buffer's cotangent) per iteration. Plain advances and store-advances run
-        through one tight loop, so the body appears twice in the compiled backward
-        sweep whatever `checkpoints` is: once to advance, once in the VJP."""
-        stored, stack, ct_state, ct_consts, control = carry
-        not_yet = ReverseAction(
-            is_vjp=jnp.array(False),
-            step=jnp.array(0, jnp.int32),
-            store_slot=jnp.array(-1, jnp.int32),
-            restore_slot=jnp.array(-1, jnp.int32),
-        )
-        stack, stored, action, control = while_loop(
-            lambda c: jnp.logical_not(c[2].is_vjp),
-            segment,
-            (stack, stored, not_yet, control),
-        )
-        if stack_injection is not None:
-            ct_state = stack_injection(action.step + 1, ct_state)
-        ct_state, ct_step_consts = transpose_step(
-            full_state(stored), ct_state, action.step
-        )
-        ct_consts = [a + b for a, b in zip(ct_consts, ct_step_consts, strict=True)]
-        return restore(stack, action.restore_slot), stack, ct_state, ct_consts, control
+        of a buffer's cotangent) per iteration. Every advance runs through one tight
+        loop, so the body appears twice in the compiled backward sweep whatever
+        `checkpoints` is: once to advance, once in the VJP.
 
-    restore_slot, control = controller.init(slot_pos, final[0])
-    carry = (restore(stack, restore_slot), stack, ct_final, ct_consts, control)
-    _, _, ct_init, ct_consts, _ = while_loop(
-        lambda c: jnp.logical_not(controller.done(c[-1])), reverse_iteration, carry
+        The segment loop's body is kept to a few operations: XLA:CPU runs a loop body
+        of more than eight operations (unless all its arrays are at most 512 bytes, or
+        its operations form a chain) as a task graph on its thread pool, which costs
+        ~0.6 us per iteration on two cores, more than a small body's whole step (see
+        docs/design.md, "Thunk counts")."""
+        j, stored, stack, ct_state, ct_consts, control = carry
+        stack, stored, control = while_loop(
+            lambda c: controller.more_segments(c[2]),
+            segment,
+            (stack, stored, controller.start_vjp(control, j)),
+        )
+        step = num_steps - 1 - j
+        if stack_injection is not None:
+            ct_state = stack_injection(step + 1, ct_state)
+        ct_state, ct_step_consts = transpose_step(full_state(stored), ct_state, step)
+        ct_consts = [a + b for a, b in zip(ct_consts, ct_step_consts, strict=True)]
+        stored = restore(stack, controller.restore_slot(control, j))
+        return j + 1, stored, stack, ct_state, ct_consts, control
+
+    restore_slot, control = controller.init(slot_pos, num_steps)
+    carry = (
+        jnp.int32(0),
+        restore(stack, restore_slot),
+        stack,
+        ct_final,
+        ct_consts,
+        control,
+    )
+    _, _, _, ct_init, ct_consts, _ = while_loop(
+        lambda c: c[0] < num_steps, reverse_iteration, carry
     )
     return ct_init, ct_consts
 
