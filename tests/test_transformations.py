@@ -220,6 +220,25 @@ def test_store_all_does_store_per_step():
     assert [s for s in shapes if LONG in s]
 
 
+@pytest.mark.parametrize("transform", ["forward", "grad"])
+@pytest.mark.parametrize("use_ys", [False, True])
+def test_unused_scan_outputs_are_never_computed(transform, use_ys):
+    """The stacked outputs of a checkpointed `loopax.scan` that nothing uses are not
+    computed, nor is a stack of zeros built for their cotangent: no 997-row array in
+    the lowered program. Positive control: when the outputs are used, they are
+    there."""
+
+    def f(x):
+        carry, ys = loopax.scan(
+            lambda c, _: (jnp.sin(c), 2.0 * c), x, None, length=LONG, checkpoints=5
+        )
+        return jnp.sum(carry) + (jnp.sum(ys) if use_ys else 0.0)
+
+    fn = jax.grad(f) if transform == "grad" else f
+    text = jax.jit(fn).lower(X0).as_text()
+    assert (f"tensor<{LONG}x" in text) == use_ys
+
+
 def test_jvp_runs_one_loop_and_no_checkpointing():
     """Pure forward mode is one loop over primals and tangents: no recording sweep,
     no linear loop."""

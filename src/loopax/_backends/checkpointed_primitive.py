@@ -264,6 +264,39 @@ loop_p.def_effectful_abstract_eval(_loop_abstract_eval)
 mlir.register_lowering(loop_p, mlir.lower_fun(_loop_impl, multiple_results=True))
 
 
+def _loop_dce(used_outputs: list[bool], eqn) -> tuple[list[bool], Any]:
+    """Dead-code elimination: per-step outputs nobody uses are not computed.
+
+    They never feed the carry, so dropping them is always valid. XLA would remove
+    them from a single `while` loop itself, but not from the nested loops of the
+    recording forward sweep (e.g. the primal outputs of a `loopax.scan` under
+    `jax.grad`, which are discarded). Carry leaves are kept: a loop's carry is
+    needed for its own length and checkpoints."""
+    body, spec = eqn.params["body"], eqn.params["spec"]
+    n = spec.num_carry
+    num_ys = len(body.out_avals) - n
+    ys_used = used_outputs[n : n + num_ys]
+    if not any(used_outputs) and not (body.effects or eqn.params["cond"].effects):
+        return [False] * len(eqn.invars), None
+    if all(ys_used):
+        return [True] * len(eqn.invars), eqn
+    keep = [True] * n + list(ys_used)
+    keep_outvars = keep + [True] * (len(eqn.outvars) - n - num_ys)
+    new_eqn = new_jaxpr_eqn(
+        eqn.invars,
+        [v for v, k in zip(eqn.outvars, keep_outvars, strict=True) if k],
+        loop_p,
+        dict(eqn.params, body=_keep_outputs(body, keep)),
+        eqn.effects,
+        eqn.source_info,
+        eqn.ctx,
+    )
+    return [True] * len(eqn.invars), new_eqn
+
+
+pe.dce_rules[loop_p] = _loop_dce
+
+
 # -- loop_p: jvp ----------------------------------------------------------------------
 
 
@@ -638,11 +671,22 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
         type(ct) is ad.Zero
         for ct in cts[len(cts) - _num_stack_outs(spec, record, split) :]
     ]
-    cts = [_instantiate(ct, a) for ct, a in zip(cts, out_avals, strict=True)]
     n_uc = len(u_consts)
     n_ux = split.carry_uk.count(True)
     n_uy = split.ys_uk.count(True)
     ct_final, ct_ys, ct_stack = _split(cts, [n_ux, n_uy])
+    final_avals, ys_avals, stack_avals = _split(out_avals, [n_ux, n_uy])
+    ct_final = [_instantiate(c, a) for c, a in zip(ct_final, final_avals, strict=True)]
+    ct_stack = [_instantiate(c, a) for c, a in zip(ct_stack, stack_avals, strict=True)]
+
+    def ct_ys_row(k):
+        """Step `k`'s row of the per-step outputs' cotangents (zeros, never a stack of
+        zeros, for outputs without one)."""
+        return [
+            jnp.zeros(a.shape[1:], a.dtype) if type(ct) is ad.Zero else ct[k]
+            for ct, a in zip(ct_ys, ys_avals, strict=True)
+        ]
+
     u_const_avals = [_primal_aval(x) for x in u_consts]
     u_carry_avals = [_primal_aval(x) for x in u_init]
     ct_consts = [jnp.zeros(a.shape, a.dtype) for a in u_const_avals]
@@ -666,7 +710,7 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
 
         def transpose_stored_step(k, ct_state):
             residuals = [r[k] if per_step else r for r, per_step in residual_sources]
-            return transpose_unknown(residuals, [*ct_state, *(y[k] for y in ct_ys)])
+            return transpose_unknown(residuals, [*ct_state, *ct_ys_row(k)])
 
         ct_init, ct_consts = per_step_backward(
             while_loop=while_loop,
@@ -687,7 +731,7 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
 
         def transpose_step(state, ct_state, k):
             residuals = _call(split.known_body, *k_consts, *state)[nk + nky :]
-            return transpose_unknown(residuals, [*ct_state, *(y[k] for y in ct_ys)])
+            return transpose_unknown(residuals, [*ct_state, *ct_ys_row(k)])
 
         stack, slot_pos = recorded[:-1], recorded[-1]
         injection = None

@@ -95,9 +95,16 @@ def recording_forward(
     """The loop, also storing states in `checkpoints` slots.
 
     After each step the online rule (or the precomputed `forward_slots` table, for a
-    loop of known length) says whether to store the new state and into which slot;
-    the store is a `lax.cond`, so steps that do not save never touch the stack. Only
-    the leaves marked `is_stored` (everything but buffers) are stored.
+    loop of known length) says whether to store the new state and into which slot.
+    Only the leaves marked `is_stored` (everything but buffers) are stored.
+
+    The rule's decisions depend only on `checkpoints` and the step, so the first ones
+    (all of them for a loop of known length) are looked up in a table computed at
+    trace time, and the steps between two stores run as a tight inner loop of body
+    calls, as in `plain_forward`; the outer loop runs once per store (the store is
+    a `lax.cond`). Past the table every step is an outer iteration that runs the rule
+    itself. (Keeping the per-step loop body small matters on XLA:CPU: see
+    `checkpointed_backward`.)
 
     Each step's extra outputs (`ys_shapes`, if any) are written to row `k` of arrays
     of `max_steps` rows, as in `per_step_forward`.
@@ -105,58 +112,82 @@ def recording_forward(
     Returns the final state, the stack (one array per stored leaf), `slot_pos`, the
     step of the state held by each slot (-1: free), and the stacked extra outputs.
     """
-
-    # The online rule's decisions depend only on `checkpoints` and the step, so the
-    # first ones are looked up in a table computed at trace time (a few table entries
-    # instead of the rule's ~40 scalar operations per step, which dominate for small
-    # bodies); steps past the table run the rule itself.
     exact = forward_slots is not None
     if not exact:
         forward_slots = online_forward_slots(
             checkpoints, _online_table_length(max_steps)
         )
-    table = jnp.asarray(np.asarray(forward_slots, dtype=_slot_dtype(checkpoints)))
     num_table = len(forward_slots)
-
-    def choose_slot(online: OnlineState, k):
-        def look_up():
-            slot = table[jnp.minimum(k, num_table) - 1].astype(jnp.int32)
-            slots = jnp.arange(checkpoints, dtype=jnp.int32)
-            slot_pos = jnp.where(slots == slot, k, online.slot_pos).astype(jnp.int32)
-            return slot, OnlineState(slot_pos)
-
-        if exact or (max_steps is not None and max_steps <= num_table):
-            return look_up()
-        return lax.cond(k <= num_table, look_up, lambda: online_step(online, k, jnp))
+    # Store `m` of the table: after step `store_steps[m]`, into `store_slots[m]`; a
+    # last entry past the table stops the tight loop at the table's end.
+    stores = [(k, slot) for k, slot in enumerate(forward_slots, start=1) if slot >= 0]
+    store_steps = jnp.asarray(
+        np.array([k for k, _ in stores] + [num_table + 1], dtype=np.int32)
+    )
+    store_slots = jnp.asarray(
+        np.array([slot for _, slot in stores] + [-1], dtype=_slot_dtype(checkpoints))
+    )
+    table_covers_loop = exact or (max_steps is not None and max_steps <= num_table)
 
     stack = [
         jnp.zeros((checkpoints, *jnp.shape(x)), jnp.result_type(x))
         for x in pick(init, is_stored)
     ]
-
     if ys_shapes and max_steps is None:
         raise AssertionError(
             "loopax internal error: per-step outputs need max_steps; please report a bug."
         )
     ys = [jnp.zeros((max_steps, *y.shape), y.dtype) for y in ys_shapes]
 
-    def forward_step(carry):
-        state, stack, online, ys = carry
+    def step_and_write(carry):
+        state, ys = carry
         k = state[0]  # The step counter.
         state, y = step(state)
-        ys = _write_slot(ys, k, y)
-        slot, online = choose_slot(online, state[0])
+        return state, _write_slot(ys, k, y)
+
+    def choose_slot(online: OnlineState, m, k):
+        """The slot for `x_k`, reached at the end of a tight run."""
+
+        def look_up():
+            slot = store_slots[m].astype(jnp.int32)
+            slots = jnp.arange(checkpoints, dtype=jnp.int32)
+            slot_pos = jnp.where(slots == slot, k, online.slot_pos).astype(jnp.int32)
+            return slot, OnlineState(slot_pos)
+
+        if table_covers_loop:
+            return look_up()
+        return lax.cond(k <= num_table, look_up, lambda: online_step(online, k, jnp))
+
+    def run_to_next_store(carry):
+        state, stack, online, ys, m = carry
+        k = state[0]
+        stop = (
+            store_steps[m]
+            if table_covers_loop
+            else (jnp.where(k < num_table, store_steps[m], k + 1))
+        )
+        state, ys = lax.while_loop(
+            lambda c: keep_going(c[0]) & (c[0][0] < stop),
+            step_and_write,
+            (state, ys),
+        )
+        k = state[0]
+        new_slot, new_online = choose_slot(online, m, k)
+        reached = k == stop
+        slot = jnp.where(reached, new_slot, -1)
+        online = OnlineState(jnp.where(reached, new_online.slot_pos, online.slot_pos))
+        m = m + (reached & (k <= num_table)).astype(jnp.int32)
         stack = lax.cond(
             slot >= 0,
             lambda: _write_slot(stack, slot, pick(state, is_stored)),
             lambda: stack,
         )
-        return state, stack, online, ys
+        return state, stack, online, ys, m
 
-    final, stack, online, ys = lax.while_loop(
+    final, stack, online, ys, _ = lax.while_loop(
         lambda c: keep_going(c[0]),
-        forward_step,
-        (list(init), stack, online_init(checkpoints, jnp), ys),
+        run_to_next_store,
+        (list(init), stack, online_init(checkpoints, jnp), ys, jnp.int32(0)),
     )
     return final, stack, online.slot_pos, ys
 
