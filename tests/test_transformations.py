@@ -370,20 +370,101 @@ def ft_fori(lower, upper, body, init):
     return loopax.fori_loop(lower, upper, body, init, checkpoints=2)
 
 
-def test_inside_shard_map():
-    """Under `jax.shard_map` (with `check_vma=False`, see the FAQ): forward, grad and
-    jvp equal the unsharded loop's."""
+_SHARD_LOOPS = {
+    "checkpointed": dict(kind="checkpointed", checkpoints=2),
+    "store_all": dict(kind="checkpointed", checkpoints=8, max_steps=8),
+    "checkpointed_max_steps": dict(kind="checkpointed", checkpoints=2, max_steps=8),
+    "bounded": dict(kind="bounded", max_steps=8, base=2),
+    "lax": dict(kind="lax"),
+}
+
+
+def _shard_loop(options, scale, x, use_scan=False):
+    """Six steps whose body mixes the sharded `x`, a replicated `scale` and a
+    buffer written once per step."""
+    if use_scan:
+        return loopax.scan(
+            lambda y, t: (jnp.sin(y) * scale * t, jnp.sum(y)),
+            x,
+            jnp.linspace(0.8, 1.2, 6),
+            checkpoints=2,
+        )
+
+    def body(c):
+        i, y, buf = c
+        buf = buf.at[i].set(jnp.sum(y))
+        return i + 1, jnp.sin(y) * scale, buf
+
+    # As for `lax.while_loop`: a carry that the body makes vary over the mesh axis
+    # starts out varying.
+    init = (0, x, jax.lax.pcast(jnp.zeros(8, x.dtype), ("d",), to="varying"))
+    _, y, buf = loopax.while_loop(
+        lambda c: c[0] < 6, body, init, buffers=lambda c: c[2], **options
+    )
+    return y, buf
+
+
+def _shard_ref(scale, x, use_scan=False):
+    if use_scan:
+        return jax.lax.scan(
+            lambda y, t: (jnp.sin(y) * scale * t, jnp.sum(y)),
+            x,
+            jnp.linspace(0.8, 1.2, 6),
+        )
+
+    def body(i, c):
+        y, buf = c
+        return jnp.sin(y) * scale, buf.at[i].set(jnp.sum(y))
+
+    return jax.lax.fori_loop(0, 6, body, (x, jnp.zeros(8, x.dtype)))
+
+
+@pytest.mark.parametrize("loop", [*_SHARD_LOOPS, "scan"])
+def test_inside_shard_map(loop):
+    """Under `jax.shard_map` with its default `check_vma=True` (every value's
+    varying mesh axes are type-checked): forward, jvp, grad with respect to the
+    sharded input and the replicated parameter, and vmap, equal the plain loop's."""
     mesh = jax.make_mesh((1,), ("d",))
     spec = jax.sharding.PartitionSpec("d")
-    sharded = jax.jit(
-        jax.shard_map(_inner, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-    )
+    use_scan = loop == "scan"
+    options = {} if use_scan else _SHARD_LOOPS[loop]
+
+    def loss(fn, scale, x):
+        y, out = fn(scale, x)
+        return jnp.sum(y**2) + jnp.sum(out * jnp.arange(out.shape[0], dtype=out.dtype))
+
+    def sharded(scale, x):
+        return jax.shard_map(
+            lambda s, y: _shard_loop(options, s, y, use_scan),
+            mesh=mesh,
+            in_specs=(jax.sharding.PartitionSpec(), spec),
+            out_specs=(spec, spec),
+        )(scale, x)
+
+    def reference(scale, x):
+        return _shard_ref(scale, x, use_scan)
+
     x = jax.device_put(
         jnp.array([0.5, 1.5, 2.5, -1.0]), jax.sharding.NamedSharding(mesh, spec)
     )
-    assert_tree_allclose(sharded(x), _inner_ref(x))
+    scale = jnp.array(1.1)
+    assert_tree_allclose(jax.jit(sharded)(scale, x), reference(scale, x))
+    tangents = (jnp.array(0.3), jnp.ones(4))
     assert_tree_allclose(
-        jax.grad(lambda y: jnp.sum(sharded(y)))(x),
-        jax.grad(lambda y: jnp.sum(_inner_ref(y)))(x),
+        jax.jit(lambda s, y: jax.jvp(sharded, (s, y), tangents))(scale, x),
+        jax.jvp(reference, (scale, x), tangents),
     )
-    assert_tree_allclose(jax.jvp(sharded, (x,), (x,)), jax.jvp(_inner_ref, (x,), (x,)))
+    batch = jnp.stack([x, 2 * x])
+    assert_tree_allclose(
+        jax.jit(jax.vmap(sharded, in_axes=(None, 0)))(scale, batch),
+        jax.vmap(reference, in_axes=(None, 0))(scale, batch),
+    )
+    if loop != "lax":  # Forward mode only.
+        assert_tree_allclose(
+            jax.jit(jax.grad(lambda s, y: loss(sharded, s, y), argnums=(0, 1)))(
+                scale, x
+            ),
+            jax.grad(lambda s, y: loss(reference, s, y), argnums=(0, 1))(scale, x),
+            rtol=2e-4,
+            atol=2e-5,
+        )

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax._src import core
 from jax._src.interpreters import (
     ad as ad_internal,
     batching as batching_internal,
@@ -43,11 +44,13 @@ from jax.interpreters import ad, batching, mlir
 from .checkpointed_sweeps import (
     checkpointed_backward,
     merge,
+    output_rows,
     per_step_backward,
     per_step_forward,
     pick,
     plain_forward,
     recording_forward,
+    zeros,
 )
 
 
@@ -100,7 +103,20 @@ def _call(jaxpr: ClosedJaxpr, *args) -> list:
 
 
 def _shape_structs(avals: Sequence[Any]) -> list[jax.ShapeDtypeStruct]:
-    return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    """Shapes and dtypes, and inside `shard_map` which mesh axes a value varies
+    over (its manual axis type), so jaxprs traced from them type-check there."""
+    structs = []
+    for a in avals:
+        mat = getattr(a, "mat", None)
+        if mat is None or mat.empty:
+            structs.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
+        else:
+            structs.append(
+                jax.ShapeDtypeStruct(
+                    a.shape, a.dtype, sharding=a.sharding, manual_axis_type=mat
+                )
+            )
+    return structs
 
 
 def _retrace(fn: Callable, in_avals: Sequence[Any]) -> ClosedJaxpr:
@@ -122,7 +138,7 @@ def _zero_like(x) -> ad.Zero:
 
 def _instantiate(ct, aval) -> Any:
     if type(ct) is ad.Zero:
-        return jnp.zeros(aval.shape, aval.dtype)
+        return zeros(aval)
     return ct
 
 
@@ -136,9 +152,10 @@ def trace_loop(
 
     Values the functions close over (weights, outer loops' tracers) become explicit
     constants, so they get cotangents and never leak out as closed-over tracers."""
-    avals = _shape_structs([jax.typeof(x) for x in init])
-    body = jax.make_jaxpr(lambda *c: list(body_fn(list(c))))(*avals)
-    cond = jax.make_jaxpr(lambda *c: [cond_fn(list(c))])(*avals)
+    avals = [jax.typeof(x) for x in init]
+    structs = _shape_structs(avals)
+    body = jax.make_jaxpr(lambda *c: list(body_fn(list(c))))(*structs)
+    cond = jax.make_jaxpr(lambda *c: [cond_fn(list(c))])(*structs)
     consts = [*body.consts, *cond.consts]
     nb = len(body.consts)
     const_avals = [jax.typeof(c) for c in consts]
@@ -206,11 +223,12 @@ def differentiable_while_loop(checkpoints: int):
 def _loop_out_avals(body: ClosedJaxpr, spec: LoopSpec, record: bool) -> list:
     carry = body.out_avals[: spec.num_carry]
     ys = body.out_avals[spec.num_carry :]
-    out = [ShapedArray(a.shape, a.dtype) for a in carry]
-    out += [ShapedArray((spec.max_steps, *a.shape), a.dtype) for a in ys]
+    # `update` and `unmapped_aval` keep the `shard_map` varying axes of the values.
+    out = [a.update(weak_type=False) for a in carry]
+    out += [core.unmapped_aval(output_rows(spec.max_steps), 0, a) for a in ys]
     if record:
         out += [
-            ShapedArray((spec.checkpoints, *a.shape), a.dtype)
+            core.unmapped_aval(spec.checkpoints, 0, a)
             for a in pick(carry, spec.is_stored)
         ]
         out.append(ShapedArray((spec.checkpoints,), jnp.int32))
@@ -247,13 +265,8 @@ def _loop_impl(*args, body, cond, spec, record):
         )
         return [*final, *ys, *stack, slot_pos]
     if ys_avals:
-        if spec.max_steps is None:
-            raise AssertionError(
-                "loopax internal error: per-step outputs need max_steps; please "
-                "report a bug."
-            )
         final, stacks = per_step_forward(
-            step, keep_going, init, ys_avals, spec.max_steps
+            step, keep_going, init, ys_avals, output_rows(spec.max_steps)
         )
         return [*final, *stacks]
     return plain_forward(step, keep_going, init)
@@ -683,13 +696,13 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
         """Step `k`'s row of the per-step outputs' cotangents (zeros, never a stack of
         zeros, for outputs without one)."""
         return [
-            jnp.zeros(a.shape[1:], a.dtype) if type(ct) is ad.Zero else ct[k]
+            zeros(a.update(shape=a.shape[1:])) if type(ct) is ad.Zero else ct[k]
             for ct, a in zip(ct_ys, ys_avals, strict=True)
         ]
 
     u_const_avals = [_primal_aval(x) for x in u_consts]
     u_carry_avals = [_primal_aval(x) for x in u_init]
-    ct_consts = [jnp.zeros(a.shape, a.dtype) for a in u_const_avals]
+    ct_consts = [zeros(a) for a in u_const_avals]
     nk, nky = split.num_known_carry, split.num_known_ys
 
     def transpose_unknown(residuals, ct_out):

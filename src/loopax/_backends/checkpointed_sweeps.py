@@ -13,6 +13,7 @@ itself be differentiated in reverse with bounded memory.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +57,27 @@ def _write_slot(stack: Leaves, slot, leaves: Leaves) -> Leaves:
 
 def _read_slot(stack: Leaves, slot) -> Leaves:
     return [s[slot] for s in stack]
+
+
+def zeros(aval: Any, rows: tuple[int, ...] = ()) -> Array:
+    """Zeros of `aval`'s shape (after `rows` leading dimensions) and dtype, varying
+    over the same `shard_map` mesh axes as `aval`, so that loops and conds that mix
+    them with values of that type type-check under `check_vma=True`."""
+    out = jnp.zeros((*rows, *aval.shape), aval.dtype)
+    mat = getattr(aval, "mat", None)
+    if mat is not None and mat.varying:
+        out = lax.pcast(out, tuple(sorted(mat.varying)), to="varying")
+    return out
+
+
+def output_rows(max_steps: int | None) -> int:
+    """The rows of a per-step output's stack: `max_steps`, which a loop with
+    per-step outputs always has (`loopax.scan` sets it)."""
+    if max_steps is None:
+        raise AssertionError(
+            "loopax internal error: per-step outputs need max_steps; please report a bug."
+        )
+    return max_steps
 
 
 # -- forward sweeps -------------------------------------------------------------------
@@ -129,15 +151,8 @@ def recording_forward(
     )
     table_covers_loop = exact or (max_steps is not None and max_steps <= num_table)
 
-    stack = [
-        jnp.zeros((checkpoints, *jnp.shape(x)), jnp.result_type(x))
-        for x in pick(init, is_stored)
-    ]
-    if ys_shapes and max_steps is None:
-        raise AssertionError(
-            "loopax internal error: per-step outputs need max_steps; please report a bug."
-        )
-    ys = [jnp.zeros((max_steps, *y.shape), y.dtype) for y in ys_shapes]
+    stack = [zeros(jax.typeof(x), (checkpoints,)) for x in pick(init, is_stored)]
+    ys = [zeros(y, (output_rows(max_steps),)) for y in ys_shapes]
 
     def step_and_write(carry):
         state, ys = carry
@@ -198,7 +213,7 @@ def per_step_forward(
     """The loop, also writing each step's extra outputs `ys` to row `k` of an array of
     `max_steps` rows (like `lax.scan`'s stacked outputs). Rows past the last step are
     zero."""
-    stacks = [jnp.zeros((max_steps, *y.shape), y.dtype) for y in ys_shapes]
+    stacks = [zeros(y, (max_steps,)) for y in ys_shapes]
 
     def forward_step(carry):
         state, stacks = carry
