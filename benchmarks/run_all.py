@@ -71,7 +71,15 @@ def run_scripts(names: list[str], quick: bool) -> dict[str, dict]:
     return report
 
 
+# The scripts run in this invocation; `None` (with `--summary-only`): every result
+# file is summarised. Otherwise files left by earlier runs are ignored, so a summary
+# never mixes in stale numbers (quick mode skips some scripts).
+_FRESH: set[str] | None = None
+
+
 def load(name: str):
+    if _FRESH is not None and name not in _FRESH:
+        return None
     path = RESULTS_DIR / f"{name}.json"
     if not path.exists():
         return None
@@ -505,8 +513,10 @@ def main() -> None:
     begin = time.perf_counter()
     report = {}
     if not args.summary_only:
+        global _FRESH
         default = [n for n in SCRIPTS if not (args.quick and n in QUICK_SKIP)]
         report = run_scripts(args.only or default, args.quick)
+        _FRESH = {name for name, r in report.items() if r["returncode"] == 0}
     total = time.perf_counter() - begin
 
     print(
