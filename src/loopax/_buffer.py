@@ -12,10 +12,14 @@ A `Buffer` records nothing beyond its array: writes lower to XLA's in-place
 O(row), not O(buffer), per step.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+from jax.extend.core import ClosedJaxpr, Primitive
+from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, ArrayLike, Bool
 
 from ._check_buffers import checked_get, checked_value
@@ -147,6 +151,11 @@ def and_pred(a: Bool[ArrayLike, ""] | None, b: Bool[ArrayLike, ""] | None) -> An
 
 
 def _masked_set(array: Array, item, x: ArrayLike, pred, **kwargs: Any) -> Array:
+    index = _integer_index(array, item)
+    if not kwargs and index is not None:
+        shape = array.shape[len(index) :]
+        x = jnp.broadcast_to(jnp.asarray(x, dtype=array.dtype), shape)
+        return _write_entries(array, x, jnp.asarray(pred, dtype=bool), *index)
     if pred is not True:
         # Keep the old value where `pred` is False. Under `vmap` a batched `pred` masks
         # each batch element separately.
@@ -183,3 +192,117 @@ def buffer_at_set(
     if isinstance(buffer, Buffer):
         return buffer.at[item].set(x, pred=pred, **kwargs)
     return _masked_set(jnp.asarray(buffer), item, x, pred, **kwargs)
+
+
+# -- writes whose transpose may leave the written entries of the cotangent alone --------
+#
+# Transposing `buffer.at[i].set(x)` gives `x` the cotangent's entry `i` and the buffer
+# before the write the cotangent with entry `i` zeroed. In a loop's backward sweep that
+# zeroing is an in-place update of a carried, buffer-sized cotangent right after a read
+# of it, and XLA:CPU then copies the whole cotangent, twice, every step: O(n * size) per
+# gradient. Under the buffer contract (each entry written once, read only after) the
+# zeroed entry is read by no earlier step; it matters only for the cotangent of the
+# buffer's value *before the loop*. So the checkpointed backward sweep, when nobody
+# asks for that cotangent, marks the writes of the step body that go straight into the
+# loop's carried buffers `read_once=True` (`mark_read_once`), and their transpose
+# skips the zeroing; every other write keeps the exact transpose.
+
+
+def _integer_index(array: Array, item) -> tuple | None:
+    """`item` as a tuple of integer scalars (one per leading axis), or `None` when it
+    is anything else (slices, arrays of indices, ...), which takes the plain path."""
+    index = item if isinstance(item, tuple) else (item,)
+    if not 0 < len(index) <= array.ndim:
+        return None
+    out = []
+    for i in index:
+        integer_scalar = isinstance(i, int) or (
+            hasattr(i, "dtype")
+            and hasattr(i, "shape")
+            and i.shape == ()
+            and jnp.issubdtype(i.dtype, jnp.integer)
+        )
+        if isinstance(i, bool) or not integer_scalar:
+            return None
+        out.append(jnp.asarray(i))
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        return None  # No cotangents to speak of.
+    return tuple(out)
+
+
+def _set_entries(array, x, pred, *index, read_once: bool = False):
+    """`array.at[index].set(x)` where `pred`; the old entry where not."""
+    del read_once
+    return array.at[index].set(jnp.where(pred, x, array[index]))
+
+
+@jax.custom_jvp
+def _write_entries(array, x, pred, *index):
+    """`_set_entries` (integer scalar indices, `x` of the entry's shape) whose
+    tangent is `write_entries_p`."""
+    return _set_entries(array, x, pred, *index)
+
+
+@_write_entries.defjvp
+def _write_entries_jvp(primals, tangents):
+    array, x, pred, *index = primals
+    t_array, t_x = tangents[:2]
+    out = _write_entries(array, x, pred, *index)
+    return out, write_entries_p.bind(t_array, t_x, pred, *index, read_once=False)
+
+
+def _write_entries_transpose(ct, t_array, t_x, pred, *index, read_once):
+    index = tuple(index)
+    no_grad = [None] * (1 + len(index))  # `pred` and the indices.
+    if type(ct) is ad.Zero:
+        return [None, None, *no_grad]
+    entry = ct.at[index].get(mode="fill", fill_value=0)
+    ct_x = None
+    if ad.is_undefined_primal(t_x):
+        ct_x = jnp.where(pred, entry, jnp.zeros_like(entry))
+    ct_array = None
+    if ad.is_undefined_primal(t_array):
+        if read_once:
+            ct_array = ct
+        else:  # Where written, the old entry does not reach the output.
+            ct_array = ct.at[index].set(jnp.where(pred, jnp.zeros_like(entry), entry))
+    return [ct_array, ct_x, *no_grad]
+
+
+def _write_entries_batch(args, dims, *, read_once):
+    # Batched writes take the plain path (the exact transpose).
+    del read_once
+    return jax.vmap(_set_entries, in_axes=tuple(dims))(*args), 0
+
+
+def _write_entries_jvp_rule(primals, tangents, *, read_once):
+    t_array, t_x = (ad.instantiate_zeros(t) for t in tangents[:2])
+    out = write_entries_p.bind(*primals, read_once=read_once)
+    return out, write_entries_p.bind(t_array, t_x, *primals[2:], read_once=read_once)
+
+
+# The tangent of a buffer write: linear in the buffer and the value written.
+write_entries_p = Primitive("loopax_buffer_write")
+write_entries_p.def_impl(_set_entries)
+write_entries_p.def_abstract_eval(lambda t_array, *_, read_once: t_array)
+mlir.register_lowering(
+    write_entries_p, mlir.lower_fun(_set_entries, multiple_results=False)
+)
+ad.primitive_jvps[write_entries_p] = _write_entries_jvp_rule
+ad.primitive_transposes[write_entries_p] = _write_entries_transpose
+batching.primitive_batchers[write_entries_p] = _write_entries_batch
+
+
+def mark_read_once(jaxpr: ClosedJaxpr, carried: Sequence[bool]) -> ClosedJaxpr:
+    """`jaxpr` with `read_once=True` on the buffer writes (`write_entries_p`, at its
+    top level) whose target is one of the inputs marked `carried`, directly or
+    through earlier such writes. Writes into anything else (arrays made in the
+    body, nested loops) keep the exact transpose."""
+    targets = {v for v, c in zip(jaxpr.jaxpr.invars, carried, strict=True) if c}
+    eqns = []
+    for eqn in jaxpr.jaxpr.eqns:
+        if eqn.primitive is write_entries_p and eqn.invars[0] in targets:
+            eqn = eqn.replace(params={**eqn.params, "read_once": True})
+            targets.add(eqn.outvars[0])
+        eqns.append(eqn)
+    return ClosedJaxpr(jaxpr.jaxpr.replace(eqns=eqns), jaxpr.consts)

@@ -131,6 +131,12 @@ class Loop:
         self.max_steps = max_steps
         self._init_checks(init_val, check_names)
 
+    @property
+    def written_through_buffers(self) -> tuple[bool, ...]:
+        """Per leaf of `init_value`: whether the body sees it as a `Buffer` (this
+        loop's buffers and outer loops'), i.e. may write it with buffer writes."""
+        return (*self._show_as_buffer, *(False for _ in self._checked))
+
     # -- check_buffers=True ------------------------------------------------------------
 
     def _init_checks(

@@ -133,6 +133,7 @@ def checkpointed_while_loop(
         body,
         leaves,
         is_buffer=(False, *loop.is_buffer),
+        written_through_buffers=(False, *loop.written_through_buffers),
         checkpoints=checkpoints,
         store_all=store_all,
         max_steps=loop.max_steps,

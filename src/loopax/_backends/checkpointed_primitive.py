@@ -41,6 +41,7 @@ from jax.core import ShapedArray
 from jax.extend.core import ClosedJaxpr, Primitive, Var, jaxpr_as_fun, new_jaxpr_eqn
 from jax.interpreters import ad, batching, mlir
 
+from .._buffer import mark_read_once
 from .checkpointed_sweeps import (
     checkpointed_backward,
     merge,
@@ -62,6 +63,8 @@ class LoopSpec:
       and predicate close over), then the carry.
     - `is_buffer`: per carry leaf, whether it is a write-once buffer (never stored in
       checkpoints; the backward sweep reads its final value).
+    - `written_through_buffers`: per carry leaf, whether the body may write it with
+      buffer writes (this loop's buffers and outer loops'; see `_linear_transpose`).
     - `checkpoints`: the number of checkpoint slots.
     - `store_all`: every step can be stored (`checkpoints >= max_steps`): reverse
       mode stacks each step's residuals instead of checkpointing.
@@ -72,6 +75,7 @@ class LoopSpec:
 
     num_consts: int
     is_buffer: tuple[bool, ...]
+    written_through_buffers: tuple[bool, ...]
     checkpoints: int
     store_all: bool
     max_steps: int | None
@@ -178,6 +182,7 @@ def bind_loop(
     init: Sequence[Any],
     *,
     is_buffer: Sequence[bool] | None = None,
+    written_through_buffers: Sequence[bool] | None = None,
     checkpoints: int,
     store_all: bool = False,
     max_steps: int | None = None,
@@ -188,6 +193,7 @@ def bind_loop(
     spec = LoopSpec(
         num_consts=len(consts),
         is_buffer=tuple(is_buffer or (False,) * len(init)),
+        written_through_buffers=tuple(written_through_buffers or (False,) * len(init)),
         checkpoints=checkpoints,
         store_all=store_all,
         max_steps=max_steps,
@@ -354,6 +360,8 @@ def _loop_jvp(primals, tangents, *, body, cond, spec, record):
     joint_spec = spec.replace(
         num_consts=nc + n_tc,
         is_buffer=spec.is_buffer + tuple(pick(spec.is_buffer, carry_nz)),
+        written_through_buffers=spec.written_through_buffers
+        + tuple(pick(spec.written_through_buffers, carry_nz)),
     )
     t_consts = [ad.instantiate_zeros(t) for t in pick(tangents[:nc], const_nz)]
     t_init = [ad.instantiate_zeros(t) for t in pick(tangents[nc:], carry_nz)]
@@ -490,6 +498,9 @@ def _known_part(
     known_spec = spec.replace(
         num_consts=const_uk.count(False),
         is_buffer=tuple(pick(spec.is_buffer, carry_uk, False)),
+        written_through_buffers=tuple(
+            pick(spec.written_through_buffers, carry_uk, False)
+        ),
     )
     return _KnownPart(
         known_body,
@@ -705,10 +716,23 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
     ct_consts = [zeros(a) for a in u_const_avals]
     nk, nky = split.num_known_carry, split.num_known_ys
 
+    # The body's writes into this loop's buffers may skip zeroing the written entries
+    # of the cotangent (see `_buffer.py`) unless the cotangent of a written leaf's
+    # initial value is asked for: by contract no earlier step reads those entries.
+    written = pick(spec.written_through_buffers, split.carry_uk)
+    unknown_body = split.unknown_body
+    if not any(
+        w and ad.is_undefined_primal(x) for w, x in zip(written, u_init, strict=True)
+    ):
+        num_residuals = len(unknown_body.in_avals) - n_uc - len(u_init)
+        unknown_body = mark_read_once(
+            unknown_body, [False] * (num_residuals + n_uc) + written
+        )
+
     def transpose_unknown(residuals, ct_out):
         """Cotangents of the unknown constants and carry, given one step's residuals."""
         cts_in = jax.linear_transpose(
-            lambda *lin: _call(split.unknown_body, *residuals, *lin),
+            lambda *lin: _call(unknown_body, *residuals, *lin),
             *_shape_structs(u_const_avals + u_carry_avals),
         )(ct_out)
         return list(cts_in[n_uc:]), list(cts_in[:n_uc])
