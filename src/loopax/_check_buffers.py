@@ -202,6 +202,28 @@ def _check(
     return eqx.branched_error_if(x, bad, code, messages)
 
 
+def _checked_access(
+    value: Any,
+    shape: tuple[int, ...],
+    components: list[tuple[Any, int | None]],
+    kwargs: dict,
+    name: str,
+    active: Any,
+    access: str,
+    misuse: Any,
+    template: str,
+) -> Any:
+    """`value`, raising at run time if `active` and the access is out of bounds
+    (`OUT_OF_BOUNDS`), or else `misuse` holds (`template`)."""
+    oob = False if "mode" in kwargs else _out_of_bounds(components)
+    value = _check(
+        value, _and(active, oob), OUT_OF_BOUNDS, name, shape, components, access=access
+    )
+    if oob is not False:
+        misuse = misuse & ~oob
+    return _check(value, _and(active, misuse), template, name, shape, components)
+
+
 def checked_get(
     array: Array,
     written: Array,
@@ -212,23 +234,17 @@ def checked_get(
 ) -> Array:
     """`array.at[item].get(**kwargs)`, raising at run time if `active` and the access
     is out of bounds or reads an entry not yet written."""
-    components = _components(array.shape, item)
-    value = array.at[item].get(**kwargs)
-    oob = False if "mode" in kwargs else _out_of_bounds(components)
-    value = _check(
-        value,
-        _and(active, oob),
-        OUT_OF_BOUNDS,
-        name,
-        array.shape,
-        components,
-        access="read",
-    )
     unwritten = ~jnp.all(_mask_get(written, item, kwargs, fill=True))
-    if oob is not False:
-        unwritten = unwritten & ~oob
-    return _check(
-        value, _and(active, unwritten), UNWRITTEN_READ, name, array.shape, components
+    return _checked_access(
+        array.at[item].get(**kwargs),
+        array.shape,
+        _components(array.shape, item),
+        kwargs,
+        name,
+        active,
+        "read",
+        unwritten,
+        UNWRITTEN_READ,
     )
 
 
@@ -243,13 +259,15 @@ def checked_value(
 ) -> Array:
     """`x` as the array to write at `item`, raising at run time if `pred` and the
     write is out of bounds or hits an entry already written."""
-    components = _components(array.shape, item)
-    x = jnp.asarray(x, dtype=array.dtype)
-    oob = False if "mode" in kwargs else _out_of_bounds(components)
-    x = _check(
-        x, _and(pred, oob), OUT_OF_BOUNDS, name, array.shape, components, access="write"
-    )
     again = jnp.any(_mask_get(written, item, kwargs, fill=False))
-    if oob is not False:
-        again = again & ~oob
-    return _check(x, _and(pred, again), SECOND_WRITE, name, array.shape, components)
+    return _checked_access(
+        jnp.asarray(x, dtype=array.dtype),
+        array.shape,
+        _components(array.shape, item),
+        kwargs,
+        name,
+        pred,
+        "write",
+        again,
+        SECOND_WRITE,
+    )
