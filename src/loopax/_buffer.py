@@ -18,11 +18,18 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, Primitive
-from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, ArrayLike, Bool
 
 from ._check_buffers import checked_get, checked_value
+from ._jax_internals import (
+    ClosedJaxpr,
+    define_primitive,
+    eqn_with_params,
+    instantiate_zeros,
+    is_undefined_primal,
+    is_zero,
+    map_eqns,
+)
 
 
 class Buffer(eqx.Module):
@@ -254,14 +261,14 @@ def _write_entries_jvp(primals, tangents):
 def _write_entries_transpose(ct, t_array, t_x, pred, *index, read_once):
     index = tuple(index)
     no_grad = [None] * (1 + len(index))  # `pred` and the indices.
-    if type(ct) is ad.Zero:
+    if is_zero(ct):
         return [None, None, *no_grad]
     entry = ct.at[index].get(mode="fill", fill_value=0)
     ct_x = None
-    if ad.is_undefined_primal(t_x):
+    if is_undefined_primal(t_x):
         ct_x = jnp.where(pred, entry, jnp.zeros_like(entry))
     ct_array = None
-    if ad.is_undefined_primal(t_array):
+    if is_undefined_primal(t_array):
         if read_once:
             ct_array = ct
         else:  # Where written, the old entry does not reach the output.
@@ -276,21 +283,20 @@ def _write_entries_batch(args, dims, *, read_once):
 
 
 def _write_entries_jvp_rule(primals, tangents, *, read_once):
-    t_array, t_x = (ad.instantiate_zeros(t) for t in tangents[:2])
+    t_array, t_x = (instantiate_zeros(t) for t in tangents[:2])
     out = write_entries_p.bind(*primals, read_once=read_once)
     return out, write_entries_p.bind(t_array, t_x, *primals[2:], read_once=read_once)
 
 
 # The tangent of a buffer write: linear in the buffer and the value written.
-write_entries_p = Primitive("loopax_buffer_write")
-write_entries_p.def_impl(_set_entries)
-write_entries_p.def_abstract_eval(lambda t_array, *_, read_once: t_array)
-mlir.register_lowering(
-    write_entries_p, mlir.lower_fun(_set_entries, multiple_results=False)
+write_entries_p = define_primitive(
+    "loopax_buffer_write",
+    impl=_set_entries,
+    abstract_eval=lambda t_array, *_, read_once: t_array,
+    jvp=_write_entries_jvp_rule,
+    transpose=_write_entries_transpose,
+    batch=_write_entries_batch,
 )
-ad.primitive_jvps[write_entries_p] = _write_entries_jvp_rule
-ad.primitive_transposes[write_entries_p] = _write_entries_transpose
-batching.primitive_batchers[write_entries_p] = _write_entries_batch
 
 
 def mark_read_once(jaxpr: ClosedJaxpr, carried: Sequence[bool]) -> ClosedJaxpr:
@@ -298,11 +304,10 @@ def mark_read_once(jaxpr: ClosedJaxpr, carried: Sequence[bool]) -> ClosedJaxpr:
     top level) whose target is one of the inputs marked `carried`, directly or
     through earlier such writes. Writes into anything else (arrays made in the
     body, nested loops) keep the exact transpose."""
-    targets = {v for v, c in zip(jaxpr.jaxpr.invars, carried, strict=True) if c}
-    eqns = []
-    for eqn in jaxpr.jaxpr.eqns:
+
+    def rewrite(eqn, targets):
         if eqn.primitive is write_entries_p and eqn.invars[0] in targets:
-            eqn = eqn.replace(params={**eqn.params, "read_once": True})
-            targets.add(eqn.outvars[0])
-        eqns.append(eqn)
-    return ClosedJaxpr(jaxpr.jaxpr.replace(eqns=eqns), jaxpr.consts)
+            return eqn_with_params(eqn, read_once=True), True
+        return eqn, False
+
+    return map_eqns(jaxpr, rewrite, inputs=carried)

@@ -14,23 +14,14 @@ unaffected, and the marker lowers to nothing.
 
 import equinox as eqx
 import jax.tree_util as jtu
-from jax._src.interpreters import partial_eval as pe
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
 from jaxtyping import PyTree
 
-
-forward_only_p = Primitive("loopax_forward_only")
-forward_only_p.def_impl(lambda x, *, message: x)
-forward_only_p.def_abstract_eval(lambda x, *, message: x)
-mlir.register_lowering(
-    forward_only_p, mlir.lower_fun(lambda x, *, message: x, multiple_results=False)
-)
+from ._jax_internals import define_primitive, is_known, is_zero, stage_primitive
 
 
 def _forward_only_jvp(primals, tangents, *, message):
     (x,), (t,) = primals, tangents
-    if type(t) is not ad.Zero:
+    if not is_zero(t):
         t = forward_only_p.bind(t, message=message)
     return forward_only_p.bind(x, message=message), t
 
@@ -41,16 +32,19 @@ def _forward_only_batch(args, dims, *, message):
 
 
 def _forward_only_partial_eval(trace, tracer, *, message):
-    if not tracer.pval.is_known():
+    if not is_known(tracer):
         raise ValueError(message)
-    return trace.default_process_primitive(
-        forward_only_p, (tracer,), dict(message=message)
-    )
+    return stage_primitive(trace, forward_only_p, (tracer,), dict(message=message))
 
 
-ad.primitive_jvps[forward_only_p] = _forward_only_jvp
-batching.primitive_batchers[forward_only_p] = _forward_only_batch
-pe.custom_partial_eval_rules[forward_only_p] = _forward_only_partial_eval
+forward_only_p = define_primitive(
+    "loopax_forward_only",
+    impl=lambda x, *, message: x,
+    abstract_eval=lambda x, *, message: x,
+    jvp=_forward_only_jvp,
+    batch=_forward_only_batch,
+    partial_eval=_forward_only_partial_eval,
+)
 
 
 def forward_only(tree: PyTree, message: str) -> PyTree:

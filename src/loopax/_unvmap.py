@@ -15,28 +15,9 @@ Both are identity-like on unbatched inputs and only differ in their batching rul
 """
 
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array, ArrayLike, Bool
 
-
-def _bool_primitive(name: str, impl) -> Primitive:
-    primitive = Primitive(name)
-    primitive.def_impl(impl)
-    primitive.def_abstract_eval(lambda x: x)
-    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=False))
-
-    def _jvp(primals, tangents):
-        (x,) = primals
-        out = primitive.bind(x)
-        return out, ad.Zero(out.aval.to_tangent_aval())
-
-    ad.primitive_jvps[primitive] = _jvp
-    return primitive
-
-
-unvmap_any_p = _bool_primitive("loopax_unvmap_any", lambda x: x)
-active_mask_p = _bool_primitive("loopax_active_mask", lambda x: jnp.ones_like(x))
+from ._jax_internals import Primitive, define_primitive, zero_like
 
 
 def _unvmap_any_batch(args, dims):
@@ -50,8 +31,24 @@ def _active_mask_batch(args, dims):
     return x, dim
 
 
-batching.primitive_batchers[unvmap_any_p] = _unvmap_any_batch
-batching.primitive_batchers[active_mask_p] = _active_mask_batch
+def _bool_primitive(name: str, impl, batch) -> Primitive:
+    """A boolean identity-like primitive with no tangent."""
+
+    def jvp(primals, tangents):
+        del tangents
+        out = primitive.bind(*primals)
+        return out, zero_like(out)
+
+    primitive = define_primitive(
+        name, impl=impl, abstract_eval=lambda x: x, jvp=jvp, batch=batch
+    )
+    return primitive
+
+
+unvmap_any_p = _bool_primitive("loopax_unvmap_any", lambda x: x, _unvmap_any_batch)
+active_mask_p = _bool_primitive(
+    "loopax_active_mask", lambda x: jnp.ones_like(x), _active_mask_batch
+)
 
 
 def unvmap_any(pred: Bool[ArrayLike, ""]) -> Bool[Array, ""]:

@@ -30,7 +30,8 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from .._state import Loop
-from .checkpointed_primitive import bind_loop
+from . import checkpointed_partial_eval  # noqa: F401  (registers reverse mode)
+from .checkpointed_loop import bind_loop
 from .lax import lax_while_loop
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from .._jax_internals import zeros
 from .._schedule import (
     OnlineState,
     forward_slots as online_forward_slots,
@@ -57,17 +58,6 @@ def _write_slot(stack: Leaves, slot, leaves: Leaves) -> Leaves:
 
 def _read_slot(stack: Leaves, slot) -> Leaves:
     return [s[slot] for s in stack]
-
-
-def zeros(aval: Any, rows: tuple[int, ...] = ()) -> Array:
-    """Zeros of `aval`'s shape (after `rows` leading dimensions) and dtype, varying
-    over the same `shard_map` mesh axes as `aval`, so that loops and conds that mix
-    them with values of that type type-check under `check_vma=True`."""
-    out = jnp.zeros((*rows, *aval.shape), aval.dtype)
-    mat = getattr(aval, "mat", None)
-    if mat is not None and mat.varying:
-        out = lax.pcast(out, tuple(sorted(mat.varying)), to="varying")
-    return out
 
 
 def output_rows(max_steps: int | None) -> int:
