@@ -10,6 +10,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+def pytest_report_header(config):
+    del config
+    return (
+        f"jax {jax.__version__}, jax_use_direct_linearize="
+        f"{jax.config.jax_use_direct_linearize}, x64={jax.config.jax_enable_x64}"
+    )
+
+
 @pytest.fixture
 def getkey():
     """A function returning a fresh PRNG key each call (seeded per test)."""

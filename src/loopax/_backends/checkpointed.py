@@ -1,7 +1,8 @@
 """`kind="checkpointed"`: reverse mode through a loop of unknown length, in bounded memory.
 
 Undifferentiated, this is a plain `lax.while_loop`. The loop is a JAX primitive
-(`checkpointed_primitive.py`) with rules for every transformation; `jax.jvp` runs one
+(`checkpointed_loop.py`; reverse mode in `checkpointed_partial_eval.py` and
+`checkpointed_linear.py`) with rules for every transformation; `jax.jvp` runs one
 loop over primals and tangents, and reverse mode is:
 
 - **Forward sweep**: the same while loop, plus a checkpoint stack of `checkpoints`

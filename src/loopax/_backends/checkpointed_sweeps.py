@@ -1,6 +1,6 @@
 """The sweeps of the checkpointed kind, on flat lists of arrays.
 
-The primitives in `checkpointed_primitive.py` decide *what* runs; this module is
+The primitives (`checkpointed_loop.py`, `checkpointed_linear.py`) decide *what* runs; this module is
 *how*: the forward sweeps that record what the backward sweeps need, and the
 backward sweeps themselves. Everything here is written against small callables
 (`step`, `keep_going`, `advance`, `transpose_step`), never against jaxprs.
