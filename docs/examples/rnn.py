@@ -77,7 +77,7 @@ def main():
     plan = loopax.schedule(LENGTH, CHECKPOINTS, known_length=True)
     print(
         f"one gradient: {plan.num_forward} forward steps, {plan.num_recomputed} "
-        f"recomputed, {plan.num_vjp} VJPs, {CHECKPOINTS} stored hidden states "
+        f"recomputed, {plan.num_vjp} VJPs,\n{CHECKPOINTS} stored hidden states "
         f"(lax.scan: {LENGTH})"
     )
 
