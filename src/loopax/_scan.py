@@ -170,10 +170,11 @@ def scan(
     \geq l$ (see [`loopax.schedule`][] with `known_length=True`). The stacked outputs
     are written in place, one row per step, and are never stored in checkpoints.
 
-    | kind | jit, vmap | jvp / jacfwd | grad / vjp / jacrev |
-    |---|---|---|---|
-    | `"lax"` | yes | yes | no (a clear error) |
-    | `"checkpointed"` | yes | no | yes: `checkpoints` stored carries, optimal recomputation |
+    Both kinds support `jit`, `vmap` and forward mode (`jvp`, `jacfwd`: one loop, no
+    checkpoints); reverse mode (`grad`, `vjp`, `jacrev`, and so `jax.hessian`) needs
+    `kind="checkpointed"`, as in [What each kind supports](../index.md#what-each-kind-supports).
+    The algorithm is in [How checkpointing works](../how-it-works.md) (see its
+    References).
 
     **Arguments:**
 
@@ -215,17 +216,6 @@ def scan(
         sweep costs $O(n \cdot |xs|)$ additions besides the VJPs. Keep `xs` small, or
         pass the inputs through the carry.
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{griewank2000revolve,
-            author = {Griewank, Andreas and Walther, Andrea},
-            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                     Reverse or Adjoint Mode of Computational Differentiation},
-            journal = {ACM Trans. Math. Softw.},
-            volume = {26}, number = {1}, pages = {19--45}, year = {2000},
-        }
-        ```
     """
     if not callable(f):
         raise TypeError(f"`f` must be callable, `(carry, x) -> (carry, y)`, got {f!r}.")

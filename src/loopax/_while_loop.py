@@ -183,13 +183,12 @@ def while_loop(
 
     Returns exactly what `lax.while_loop(cond_fun, body_fun, init_val)` returns (same
     structure, shapes, dtypes) for every `kind`; the kinds differ in which
-    transformations they support and what reverse mode costs:
-
-    | kind | jit, vmap | jvp / jacfwd | grad / vjp / jacrev |
-    |---|---|---|---|
-    | `"lax"` | yes | yes | no (a clear error) |
-    | `"checkpointed"` | yes | no | yes: `checkpoints` stored states, near-optimal recomputation |
-    | `"bounded"` | yes | yes | yes: nested `lax.scan`s of length about `base` up to `max_steps` |
+    transformations they support and what reverse mode costs: `"lax"` is forward
+    mode only; `"checkpointed"` (the default) supports every transformation, its
+    `jvp` one loop like `"lax"`'s, its reverse mode storing `checkpoints` states and
+    recomputing the rest; `"bounded"` unrolls into nested `lax.scan`s up to
+    `max_steps`. The full table is [What each kind supports](../index.md#what-each-kind-supports);
+    [Choosing a kind](../choosing-a-kind.md) says which to use.
 
     Under `vmap` with a batched predicate the batch runs in lock-step until every
     element is done; finished elements are frozen.
