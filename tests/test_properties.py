@@ -207,7 +207,7 @@ _SETTINGS = dict(
 )
 
 
-@settings(max_examples=300, **_SETTINGS)
+@settings(max_examples=100, **_SETTINGS)
 @given(_cases())
 def test_random_loops(case):
     _check(case)
