@@ -6,29 +6,36 @@ buffer. A violation does not fail: it gives wrong gradients. In this debugging m
 every checked buffer also carries a boolean `written` mask of its own shape (an ordinary
 carry leaf, so the checkpointed kind stores and restores it like any other state and
 recomputed steps see exactly the mask their first run saw), and every access checks
-it with `equinox.error_if`:
+it:
 
 - a write to an entry already written: "second write";
 - a read of an entry not yet written: "read ... before it was written";
 - an index outside the buffer (unless the access passes `mode=` explicitly).
 
 The error names the buffer by its path in the carry the user passed (e.g.
-`init_val['out']`) and the offending index. `equinox.error_if` can only choose its
-message among static strings by an integer, so the index travels as that integer
-(`_IndexMessages` formats the message lazily, when an error is actually raised); under
-`vmap` the largest offending index of the batch is reported.
+`init_val['out']`) and the offending index. A failed check raises
+`BufferContractError` with loopax's message alone, from a `jax.debug.callback` that
+runs only when some check failed (a `lax.cond` on the unbatched "any failed" flag):
+under `jit` JAX reports it as a `JaxRuntimeError` whose message ends with ours, and
+without `jit` it is raised as it is. Under `vmap` the callback runs per batch element,
+and the first offending element's index is reported.
 
 Nothing here runs unless `check_buffers=True`: with the default `False` no mask exists
 and `Buffer` takes its unchecked path, so the traced program is unchanged.
 """
 
+import functools as ft
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool
+
+from ._unvmap import unvmap_any
 
 
 # The code for "no index to report" (not an offending element, or not a scalar index).
@@ -53,11 +60,15 @@ OUT_OF_BOUNDS = (
 )
 
 
+class BufferContractError(RuntimeError):
+    """A buffer access broke the buffer contract (raised with `check_buffers=True`)."""
+
+
 class _IndexMessages(Sequence[str]):
     """The messages of one check, indexed by the offending index (formatted lazily).
 
     `item` is the static description of the index expression; the scalar component at
-    position `slot` is the run-time value passed to `equinox.branched_error_if`."""
+    position `slot` is the run-time value reported by the check."""
 
     def __init__(self, template: str, name: str, item: tuple, slot: int | None, **kw):
         self._key = (template, name, item, slot, tuple(sorted(kw.items())))
@@ -78,6 +89,48 @@ class _IndexMessages(Sequence[str]):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _IndexMessages) and self._key == other._key
+
+
+class _SkipOwnErrors(logging.Filter):
+    """Drop the log record JAX writes for an exception raised in a callback when it
+    is ours: the same message reaches the user once, in the exception itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, BufferContractError)
+
+
+_SKIP_OWN_ERRORS = _SkipOwnErrors()
+
+
+def _quiet_callback_log() -> None:
+    # The logger of the module that defines `jax.debug.callback` (where JAX logs a
+    # failed callback). If JAX logs elsewhere, the message is merely shown twice.
+    logger = logging.getLogger(jax.debug.callback.__module__)
+    if _SKIP_OWN_ERRORS not in logger.filters:
+        logger.addFilter(_SKIP_OWN_ERRORS)
+
+
+def _raise_if(bad: Any, code: Any, *, messages: _IndexMessages) -> None:
+    """Host side of a failed check: raise loopax's message for this element."""
+    if bool(np.any(bad)):
+        raise BufferContractError(messages[int(np.max(code))])
+
+
+def _error_if(x: Any, bad: Any, code: Any, messages: _IndexMessages) -> Any:
+    """`x`, raising `BufferContractError` at run time where `bad` holds.
+
+    The callback runs only if some (batch element's) check failed, so a correct
+    program pays one unbatched flag per access, not a host call."""
+    _quiet_callback_log()
+    bad = jnp.asarray(bad, dtype=bool)
+    code = jnp.asarray(code, dtype=jnp.int32)
+
+    def fail():
+        jax.debug.callback(ft.partial(_raise_if, messages=messages), bad, code)
+
+    lax.cond(unvmap_any(jnp.any(bad)), fail, lambda: None)
+    return x
 
 
 def _describe_component(c: Any) -> str:
@@ -199,7 +252,7 @@ def _check(
     code, slot = _index_code(components, bad)
     item = tuple(_describe_component(c) for c, _ in components)
     messages = _IndexMessages(template, name, item, slot, shape=shape, **kw)
-    return eqx.branched_error_if(x, bad, code, messages)
+    return _error_if(x, bad, code, messages)
 
 
 def _checked_access(
