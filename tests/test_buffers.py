@@ -587,3 +587,151 @@ def test_buffer_at_set_matches_jax_forward_and_gradients(item):
     assert_tree_allclose(
         jax.jvp(ours, (array, x), (array, x)), jax.jvp(jaxs, (array, x), (array, x))
     )
+
+
+# -- `buffers=` selecting the wrong leaf ----------------------------------------------
+
+_NOT_AN_ARRAY = r"`buffers=` selected `{}` as a buffer, so inside the loop it is a `loopax.Buffer`, which cannot be used in {}"
+
+# How a body might use its buffer `c[1]` as an ordinary array, and the operation the
+# error names.
+_MISUSES = {
+    "compare": (lambda b: b < 1.0, r"a comparison \(`<`\)"),
+    "equal": (lambda b: b == 1.0, r"a comparison \(`==`\)"),
+    "arithmetic": (lambda b: b * 2.0, r"arithmetic \(`\*`\)"),
+    "reflected": (lambda b: 1.0 + b, r"arithmetic \(`\+`\)"),
+    "matmul": (lambda b: b @ jnp.ones(3), r"a matrix product"),
+    "jnp-function": (lambda b: jnp.sin(b), r"a `jax.numpy` function"),
+    "jnp-asarray": (lambda b: jnp.asarray(b), r"a `jax.numpy` function"),
+    "np-asarray": (lambda b: np.asarray(b), r"a conversion to a NumPy array"),
+    "jax-array": (
+        lambda b: b.__jax_array__(),
+        r"a `jax.numpy` function or a conversion",
+    ),
+    "bool": (lambda b: bool(b), r"a truth test"),
+    "float": (lambda b: float(b), r"`float\(\.\.\.\)`"),
+    "iterate": (lambda b: list(b), r"iteration"),
+}
+
+
+@pytest.mark.parametrize("misuse", sorted(_MISUSES))
+def test_buffer_used_as_an_array_names_buffers_and_the_leaf(misuse):
+    use, operation = _MISUSES[misuse]
+
+    def body(c):
+        use(c[1])
+        return c[0] + 1, c[1]
+
+    with pytest.raises(
+        TypeError, match=_NOT_AN_ARRAY.format(r"init_val\[1\]", operation)
+    ):
+        loopax.while_loop(
+            lambda c: c[0] < 3,
+            body,
+            (jnp.array(0), jnp.zeros(3)),
+            buffers=lambda c: c[1],
+            max_steps=3,
+        )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_selecting_the_state_fails_in_the_body_with_the_fix(kind):
+    """The reported case: the whole state selected, then used in `jnp.sin`."""
+    match = _NOT_AN_ARRAY.format(r"init_val\['y'\]", "a `jax.numpy` function")
+    with pytest.raises(TypeError, match=match) as info:
+        jax.jit(
+            lambda y: loopax.while_loop(
+                lambda c: c["t"] < 3,
+                lambda c: {"t": c["t"] + 1, "y": jnp.sin(c["y"])},
+                {"t": jnp.array(0), "y": y},
+                buffers=lambda c: c["y"],
+                **loop_kwargs(kind, max_steps=3),
+            )
+        )(jnp.ones(2))
+    assert "do not select it in `buffers=`" in str(info.value)
+
+
+def test_buffer_used_as_an_array_in_cond_fun_and_in_scan_and_fori_loop():
+    with pytest.raises(
+        TypeError, match=_NOT_AN_ARRAY.format(r"init_val\[1\]", "a comparison")
+    ):
+        loopax.while_loop(
+            lambda c: c[1] < 3,
+            lambda c: (c[0] + 1, c[1]),
+            (jnp.array(0), jnp.zeros(3)),
+            buffers=lambda c: c[1],
+            max_steps=3,
+        )
+    with pytest.raises(
+        TypeError, match=_NOT_AN_ARRAY.format(r"init\[1\]", "arithmetic")
+    ):
+        loopax.scan(
+            lambda c, x: ((c[0] + x, c[1] + x), x),
+            (jnp.array(0.0), jnp.zeros(3)),
+            jnp.ones(3),
+            buffers=lambda c: c[1],
+        )
+    with pytest.raises(
+        TypeError, match=_NOT_AN_ARRAY.format(r"init_val\['ys'\]", "arithmetic")
+    ):
+        loopax.fori_loop(
+            0,
+            3,
+            lambda i, c: {"ys": c["ys"] - 1.0},
+            {"ys": jnp.zeros(3)},
+            buffers=lambda c: c["ys"],
+        )
+
+
+_SCALAR = r"`buffers=` selected `{}`, a scalar \({}\), but a buffer must have at least one axis"
+
+
+@pytest.mark.parametrize(
+    "scalar,description",
+    [
+        (jnp.array(0), r"int32\[\]"),
+        (jnp.array(True), r"bool\[\]"),
+        (jnp.array(0.5), r"float32\[\]"),
+    ],
+)
+def test_scalar_buffer_is_rejected_when_traced(scalar, description):
+    """The reported case: the counter selected as a buffer. Rejected before
+    `cond_fun` runs (it would fail there on `c[0] < 3`), and any 0-d leaf with it."""
+    calls = []
+
+    def cond_fun(c):
+        calls.append(1)
+        return jnp.array(True)
+
+    with pytest.raises(
+        ValueError, match=_SCALAR.format(r"init_val\[0\]", description)
+    ) as info:
+        loopax.while_loop(
+            cond_fun,
+            lambda c: c,
+            (scalar, jnp.zeros(3)),
+            buffers=lambda c: c[0],
+            max_steps=3,
+        )
+    assert not calls
+    assert "a 0-d array has no entries to index" in str(info.value)
+
+
+def test_scalar_buffer_is_rejected_by_scan_and_fori_loop():
+    with pytest.raises(ValueError, match=_SCALAR.format(r"init\['n'\]", r"int32\[\]")):
+        loopax.scan(
+            lambda c, x: (c, x),
+            {"n": jnp.array(0), "ys": jnp.zeros(3)},
+            jnp.ones(3),
+            buffers=lambda c: c["n"],
+        )
+    with pytest.raises(
+        ValueError, match=_SCALAR.format(r"init_val\[0\]", r"float32\[\]")
+    ):
+        loopax.fori_loop(
+            0,
+            3,
+            lambda i, c: c,
+            (jnp.array(0.0), jnp.zeros(3)),
+            buffers=lambda c: c[0],
+        )

@@ -149,6 +149,18 @@ _TRIGGERS = {
     "buffers-not-callable": lambda: toy_loop(buffers=3),
     "buffers-call-failed": lambda: toy_loop(buffers=lambda c: c["missing"]),
     "buffers-not-in-carry": lambda: toy_loop(buffers=lambda c: jnp.zeros(3)),
+    "buffers-scalar": lambda: loopax.while_loop(
+        lambda c: c[0] < 3,
+        lambda c: (c[0] + 1, c[1]),
+        (jnp.array(0), jnp.zeros(3)),
+        buffers=lambda c: c[0],
+    ),
+    "buffer-not-an-array": lambda: loopax.while_loop(
+        lambda c: c[0] < 3,
+        lambda c: (c[0] + 1, jnp.sin(c[1])),
+        (jnp.array(0), jnp.zeros(3)),
+        buffers=lambda c: c[1],
+    ),
     "second-write": lambda: _buffer_loop(lambda c: (c[0] + 1, c[1].at[0].set(1.0))),
     "unwritten-read": lambda: _buffer_loop(
         lambda c: (c[0] + 1, c[1].at[c[0]].set(c[1][2]))

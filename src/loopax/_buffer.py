@@ -12,8 +12,8 @@ A `Buffer` records nothing beyond its array: writes lower to XLA's in-place
 O(row), not O(buffer), per step.
 """
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import equinox as eqx
 import jax
@@ -30,6 +30,28 @@ from ._jax_internals import (
     is_zero,
     map_eqns,
 )
+
+
+NOT_AN_ARRAY = (
+    "`buffers=` selected `{name}` as a buffer, so inside the loop it is a "
+    "`loopax.Buffer`, which cannot be used in {operation}. A buffer supports only "
+    "`buf[i]`, `buf.at[i].get()`, `buf.at[i].set(x, pred=...)` and `.shape`, "
+    "`.dtype`, `.ndim`, `.size`. Read entries by index (`buf[i]`); or, if this value "
+    "is not filled in one entry at a time (a step counter, the state), do not select "
+    "it in `buffers=`."
+)
+
+
+def _not_an_array(operation: str) -> Callable[..., NoReturn]:
+    """A method of `Buffer` that raises `NOT_AN_ARRAY` for `operation`."""
+
+    def method(self: "Buffer", *args: Any, **kwargs: Any) -> NoReturn:
+        del args, kwargs
+        raise TypeError(
+            NOT_AN_ARRAY.format(name=self._path or "<buffer>", operation=operation)
+        )
+
+    return method
 
 
 class Buffer(eqx.Module):
@@ -59,6 +81,8 @@ class Buffer(eqx.Module):
     # `None` otherwise, and then every access takes the unchecked path.
     _written: Bool[Array, "..."] | None = None
     _name: str | None = eqx.field(static=True, default=None)
+    # Where `buffers=` found this leaf (e.g. `init_val['ys']`), for error messages.
+    _path: str | None = eqx.field(static=True, default=None)
 
     @property
     def at(self) -> "_BufferIndexer":
@@ -84,6 +108,45 @@ class Buffer(eqx.Module):
     @property
     def size(self) -> int:
         return self._array.size
+
+    # Everything else an array does is a mistake here (most often `buffers=` selected
+    # the wrong leaf, e.g. the step counter): say so, instead of failing deep inside
+    # JAX with "'<' not supported between instances of 'Buffer' and 'int'".
+    __array__ = _not_an_array("a conversion to a NumPy array (`__array__`)")
+    __jax_array__ = _not_an_array(
+        "a `jax.numpy` function or a conversion to a JAX array (`__jax_array__`)"
+    )
+    __bool__ = _not_an_array("a truth test (`if`, `and`, `or`)")
+    __int__ = _not_an_array("`int(...)`")
+    __float__ = _not_an_array("`float(...)`")
+    __complex__ = _not_an_array("`complex(...)`")
+    __index__ = _not_an_array("an index (`__index__`)")
+    __iter__ = _not_an_array("iteration (`for ... in`)")
+    __len__ = _not_an_array("`len(...)`")
+    __eq__ = _not_an_array("a comparison (`==`)")  # pyright: ignore[reportIncompatibleMethodOverride]
+    __ne__ = _not_an_array("a comparison (`!=`)")  # pyright: ignore[reportIncompatibleMethodOverride]
+    __hash__ = object.__hash__
+    __lt__ = _not_an_array("a comparison (`<`)")
+    __le__ = _not_an_array("a comparison (`<=`)")
+    __gt__ = _not_an_array("a comparison (`>`)")
+    __ge__ = _not_an_array("a comparison (`>=`)")
+    __neg__ = _not_an_array("arithmetic (`-x`)")
+    __pos__ = _not_an_array("arithmetic (`+x`)")
+    __abs__ = _not_an_array("`abs(...)`")
+    __invert__ = _not_an_array("`~`")
+    __add__ = __radd__ = _not_an_array("arithmetic (`+`)")
+    __sub__ = __rsub__ = _not_an_array("arithmetic (`-`)")
+    __mul__ = __rmul__ = _not_an_array("arithmetic (`*`)")
+    __truediv__ = __rtruediv__ = _not_an_array("arithmetic (`/`)")
+    __floordiv__ = __rfloordiv__ = _not_an_array("arithmetic (`//`)")
+    __mod__ = __rmod__ = _not_an_array("arithmetic (`%`)")
+    __pow__ = __rpow__ = _not_an_array("arithmetic (`**`)")
+    __matmul__ = __rmatmul__ = _not_an_array("a matrix product (`@`)")
+    __and__ = __rand__ = _not_an_array("`&`")
+    __or__ = __ror__ = _not_an_array("`|`")
+    __xor__ = __rxor__ = _not_an_array("`^`")
+    __lshift__ = __rlshift__ = _not_an_array("`<<`")
+    __rshift__ = __rrshift__ = _not_an_array("`>>`")
 
 
 class _BufferIndexer:
@@ -124,7 +187,9 @@ class _BufferRef:
         if buffer._written is not None:
             return _checked_set(buffer, self._item, x, pred, kwargs)
         return Buffer(
-            _masked_set(buffer._array, self._item, x, pred, **kwargs), buffer._pred
+            _masked_set(buffer._array, self._item, x, pred, **kwargs),
+            buffer._pred,
+            _path=buffer._path,
         )
 
 
@@ -145,6 +210,7 @@ def _checked_set(buffer: Buffer, item, x: ArrayLike, pred, kwargs: dict) -> Buff
         buffer._pred,
         _masked_set(buffer._written, item, True, pred, **kwargs),
         buffer._name,
+        buffer._path,
     )
 
 

@@ -29,22 +29,18 @@ from ._state import Loop
 from ._while_loop import buffer_names, check_loop_options
 
 
-def _scan_check_names(
-    f: Any, check_buffers: bool
-) -> Callable[[Any], str | None] | None:
-    """`check_names` for the scan's `Loop` over `(init, ys)` or `(init,)`: the user's buffers
+def _scan_names(f: Any) -> Callable[[Any], str | None]:
+    """`names` for the scan's `Loop` over `(init, ys)` or `(init,)`: the user's buffers
     in `init` are named after `init` (or as `f` says); the stacked outputs `ys`, which
-    the scan itself writes once per row, are not checked."""
-    if not check_buffers:
-        return None
+    the scan itself writes once per row, have no name (and are not checked)."""
     names = buffer_names(f, "init")
 
-    def check_names(path):
+    def scan_names(path):
         if path and path[0] == jtu.SequenceKey(0):
             return names(path[1:])
         return None
 
-    return check_names
+    return scan_names
 
 
 _Carry = TypeVar("_Carry")
@@ -268,11 +264,11 @@ def scan(
         return carry, y, index
 
     user_buffers = buffers
-    check_names = _scan_check_names(f, check_buffers)
+    names = _scan_names(f)
     del buffers
     if kind == "lax":
         return _scan_with_ys_in_carry(
-            cond_fun, step, init, ys, num_steps, user_buffers, check_names
+            cond_fun, step, init, ys, num_steps, user_buffers, names, check_buffers
         )
     if kind != "checkpointed":
         raise ValueError(
@@ -304,7 +300,8 @@ def scan(
         (init,),
         num_steps,
         None if user_buffers is None else lambda c: user_buffers(c[0]),
-        check_names=check_names,
+        check_names=names if check_buffers else None,
+        names=names,
         body_takes_step=True,
     )
     final, ys = checkpointed_while_loop(
@@ -320,7 +317,7 @@ def scan(
 
 
 def _scan_with_ys_in_carry(
-    cond_fun, step, init, ys, num_steps, user_buffers, check_names
+    cond_fun, step, init, ys, num_steps, user_buffers, names, check_buffers
 ):
     """`kind="lax"`: the outputs are buffers in the carry of a `lax.while_loop`."""
 
@@ -344,7 +341,8 @@ def _scan_with_ys_in_carry(
         (init, ys),
         num_steps,
         loop_buffers,
-        check_names=check_names,
+        check_names=names if check_buffers else None,
+        names=names,
         body_takes_step=True,
     )
     final = lax_while_loop(loop, reverse_mode_error=_REVERSE_MODE_ERROR)

@@ -34,6 +34,15 @@ from ._buffer import Buffer, and_pred
 from ._unvmap import active_mask, unvmap_any
 
 
+SCALAR_BUFFER = (
+    "`buffers=` selected `{name}`, a scalar ({description}), but a buffer must have at "
+    "least one axis: the body writes it one entry at a time (`buf.at[i].set(x)`), and "
+    "a 0-d array has no entries to index. Do not select it in `buffers=`: keep step "
+    "counters and other scalars in the ordinary carry, and select only the arrays the "
+    "body fills entry by entry, e.g. `buffers=lambda carry: carry[1]`."
+)
+
+
 class LoopState(NamedTuple):
     step: Int[Array, ""]
     value: PyTree[Array]
@@ -89,6 +98,11 @@ class Loop:
     - `init_val`: the (already `jnp.asarray`-normalised) initial carry.
     - `max_steps`: the maximum number of body calls, or `None` for no bound.
     - `buffers`: as `loopax.while_loop`, or `None`.
+    - `check_names`: with `check_buffers=True`, the name of a buffer in errors of
+        the run-time checks, from its key path in `init_val` (`None`: not checked).
+    - `names`: the name of a buffer in other errors (selecting a scalar, using a
+        buffer as an array), from its key path; default: `check_names`, else the path
+        after `carry`.
     - `body_takes_step`: call `body_fun(step, carry)` with the loop's own step counter
         (`loopax.scan` indexes its inputs with it instead of carrying a second
         counter, which every checkpoint would store and every recomputation advance).
@@ -103,6 +117,7 @@ class Loop:
         buffers: Callable[[Any], Any] | None,
         *,
         check_names: Callable[[Any], str | None] | None = None,
+        names: Callable[[Any], str | None] | None = None,
         body_takes_step: bool = False,
     ):
         leaves, self._treedef = jtu.tree_flatten(init_val, is_leaf=_is_buffer)
@@ -112,6 +127,23 @@ class Loop:
             else _select_buffer_leaves(buffers, self._treedef, len(leaves))
         )
         self._was_buffer = tuple(_is_buffer(x) for x in leaves)
+        paths = [
+            p for p, _ in jtu.tree_flatten_with_path(init_val, is_leaf=_is_buffer)[0]
+        ]
+        name_of = names or check_names
+        self._names = tuple(
+            (name_of(path) if name_of is not None else None)
+            or "carry" + jtu.keystr(path)
+            for path in paths
+        )
+        for i in sorted(selected):
+            leaf = _unwrap(leaves[i])
+            if jnp.ndim(leaf) == 0:
+                raise ValueError(
+                    SCALAR_BUFFER.format(
+                        name=self._names[i], description=_describe(leaf)
+                    )
+                )
         # `is_buffer[i]`: carry leaf i is a write-once buffer of *this* loop: the body
         # sees it as a `Buffer` and backends may keep it out of checkpoints. Buffers of
         # an outer loop that are not buffers here are still shown to the body as
@@ -160,7 +192,7 @@ class Loop:
                 name = check_names(path)
                 if name is not None:
                     checked[i] = name
-                    masks.append(jnp.zeros(jnp.shape(leaf), jnp.bool_))
+                    masks.append(jnp.zeros(jnp.shape(_unwrap(leaf)), jnp.bool_))
         # `_checked`: carry leaf index -> buffer name, in leaf order.
         self._checked = checked
         if checked:
@@ -214,6 +246,7 @@ class Loop:
                         and_pred(p, mask),
                         written.get(i),
                         self._checked.get(i),
+                        self._names[i],
                     )
                     if s
                     else x

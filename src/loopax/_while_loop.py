@@ -265,6 +265,7 @@ def while_loop(
         max_steps,
         buffers,
         check_names=buffer_names(body_fun, "init_val") if check_buffers else None,
+        names=buffer_names(body_fun, "init_val"),
     )
     del cond_fun, body_fun, init_val, buffers
     if kind == "lax":
