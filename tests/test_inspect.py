@@ -516,6 +516,13 @@ def test_cli_schedule_plot(capsys, tmp_path):
     _check_png(path)
 
 
+def test_demo_legend_explains_every_column():
+    legend = cli._LEGEND.splitlines()
+    for column in cli._HEADER:
+        assert any(line.startswith(f"  {column}  ") for line in legend), column
+    assert cli._bytes(9_472) == "9.5 KB" and cli._bytes(1_400_000) == "1.4 MB"
+
+
 def test_cli_default_runs_demo(monkeypatch):
     monkeypatch.setattr(cli, "demo", lambda: 7)
     assert cli.main([]) == 7
