@@ -517,7 +517,7 @@ def test_cli_schedule_plot(capsys, tmp_path):
 
 
 def test_demo_legend_explains_every_column():
-    legend = cli._LEGEND.splitlines()
+    legend = cli._legend().splitlines()
     for column in cli._HEADER:
         assert any(line.startswith(f"  {column}  ") for line in legend), column
     assert cli._bytes(9_472) == "9.5 KB" and cli._bytes(1_400_000) == "1.4 MB"
