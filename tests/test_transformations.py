@@ -321,7 +321,19 @@ COMPOSITIONS = {
 }
 
 
-@pytest.mark.parametrize("name", COMPOSITIONS)
+# Reverse over reverse through nested checkpointed loops compiles for minutes on two
+# cores (the longest test by far); grad of grad of one loop runs by default
+# (`test_transformation_matches_reference`, `test_vmap_of_transformation`).
+_SLOW_COMPOSITIONS = {"nested_grad_of_grad"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_COMPOSITIONS else n
+        for n in COMPOSITIONS
+    ],
+)
 def test_composition_matches_reference(name):
     x = jnp.array([0.5, 1.5, 2.5])
     got = jax.jit(COMPOSITIONS[name](_inner))(x)
