@@ -8,6 +8,7 @@ the `katex` npm package, which this hook installs (once, into the git-ignored
 `.docs-assets/`) if it is not there yet. Needs `npm` (CI has it: pyright uses node).
 """
 
+import json
 import logging
 import pathlib
 import shutil
@@ -27,8 +28,6 @@ def _installed_version() -> str | None:
     package = _DIST.parent / "package.json"
     if not package.exists():
         return None
-    import json
-
     return json.loads(package.read_text()).get("version")
 
 
