@@ -13,6 +13,7 @@
 
 import ast
 import builtins
+import importlib
 import pathlib
 import re
 import sys
@@ -92,6 +93,38 @@ def _no_matplotlib():
         for name in ("matplotlib", "matplotlib.collections", "matplotlib.figure"):
             sys.modules.pop(name, None)
         sys.modules.update(saved)
+
+
+def _client_missing():
+    """`import loopax.diffrax` as if Diffrax were not installed."""
+    names = ("diffrax", "loopax.diffrax")
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+    try:
+        sys.modules["diffrax"] = None  # type: ignore[assignment]
+        sys.modules.pop("loopax.diffrax", None)
+        importlib.import_module("loopax.diffrax")
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def _diffrax_unsafe_brownian():
+    diffrax = pytest.importorskip("diffrax")
+    import loopax.diffrax
+
+    path = diffrax.UnsafeBrownianPath(shape=(), key=jax.random.key(0))
+    terms = diffrax.ControlTerm(lambda t, y, args: y, path)
+    loopax.diffrax.CheckpointedAdjoint().loop(
+        terms=terms,
+        solver=diffrax.Euler(),
+        saveat=diffrax.SaveAt(t1=True),
+        init_state=None,
+        max_steps=16,
+        throw=True,
+        passed_solver_state=False,
+        passed_controller_state=False,
+    )
 
 
 _TRIGGERS = {
@@ -198,6 +231,8 @@ _TRIGGERS = {
         20, max_recompute_factor=1.0, memory_budget=8, carry=jnp.ones(1)
     ),
     "plot-needs-matplotlib": _no_matplotlib,
+    "clients-missing": _client_missing,
+    "diffrax-unsafe-brownian": _diffrax_unsafe_brownian,
     "internal": lambda: trace(
         types.SimpleNamespace(actions=[("bogus", 0, 0)], num_forward=0)
     ),

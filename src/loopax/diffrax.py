@@ -16,7 +16,7 @@ from ._while_loop import check_loop_options, while_loop
 
 try:
     import diffrax
-except ImportError as e:  # pragma: no cover - exercised by the error catalogue.
+except ImportError as e:  # Triggered in tests/test_error_catalogue.py.
     raise ImportError(
         "`loopax.diffrax` needs Diffrax, which is not installed. Install it with "
         '`pip install "loopax[clients]"`.'

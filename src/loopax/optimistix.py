@@ -13,7 +13,7 @@ from ._while_loop import check_loop_options, while_loop
 
 try:
     import optimistix
-except ImportError as e:  # pragma: no cover - exercised by the error catalogue.
+except ImportError as e:  # The message of `loopax.diffrax`'s, for Optimistix.
     raise ImportError(
         "`loopax.optimistix` needs Optimistix, which is not installed. Install it "
         'with `pip install "loopax[clients]"`.'
