@@ -69,10 +69,17 @@ class CheckpointedAdjoint(diffrax.AbstractAdjoint):
     | `"checkpointed"` (default) | yes | yes | yes | yes | yes |
     | `"bounded"` | yes | yes | yes | yes | yes |
     | `"lax"` | yes | yes | no (a clear error) | no | no |
+    | `"checkpointed"`, `forward_mode=False` | yes | no | yes | yes | no |
 
-    The Runge-Kutta stage loop is Diffrax's own (`solver.scan_kind`); unless you set
-    `scan_kind`, it is switched to a kind that stores every stage and supports every
-    transformation (as `diffrax.DirectAdjoint` does).
+    The Runge-Kutta stage loop is Diffrax's own (`solver.scan_kind`), not the
+    adjoint's. With `forward_mode=True` (default), unless you set `scan_kind`, it is
+    switched to a kind that stores every stage and supports every transformation (as
+    `diffrax.DirectAdjoint` does); this makes reverse mode slower (about 2x the
+    gradient time of `forward_mode=False` on a small neural ODE,
+    `benchmarks/clients.py --adjoints`). With `forward_mode=False` the stage loop
+    stays Equinox's checkpointed loop, as under `RecursiveCheckpointAdjoint`: the
+    fastest gradients, Hessians (forward over reverse) still work, but `jvp`/`jacfwd`
+    and gradients of gradients do not.
 
     **Arguments:**
 
@@ -84,6 +91,10 @@ class CheckpointedAdjoint(diffrax.AbstractAdjoint):
         `"checkpointed"` (default), `"bounded"` (needs `max_steps`), or `"lax"`
         (no reverse mode).
     - `base`: for `kind="bounded"`, the length of its nested scans.
+    - `forward_mode`: whether the Runge-Kutta stage loop supports forward mode
+        (`True`, default: every transformation works) or is the faster reverse-only
+        loop (`False`); see above. Ignored by solvers without stages and when the
+        solver's `scan_kind` is set.
 
     Like `RecursiveCheckpointAdjoint`, it rejects `diffrax.UnsafeBrownianPath`
     (use `VirtualBrownianTree`) and ignores `diffeqsolve(..., throw=...)`'s effect on
@@ -112,6 +123,7 @@ class CheckpointedAdjoint(diffrax.AbstractAdjoint):
     checkpoints: int | None = eqx.field(default=None, static=True)
     kind: Kind = eqx.field(default="checkpointed", static=True)
     base: int = eqx.field(default=16, static=True)
+    forward_mode: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
         # The step bound comes later, from the solve; 1 stands for it here (so that
@@ -164,7 +176,9 @@ class CheckpointedAdjoint(diffrax.AbstractAdjoint):
         # the integration (its own adjoints use it).
         return self._loop(
             terms=terms,
-            solver=_stage_loop_for_all_transforms(solver),
+            solver=(
+                _stage_loop_for_all_transforms(solver) if self.forward_mode else solver
+            ),
             saveat=saveat,
             init_state=init_state,
             max_steps=max_steps,

@@ -356,6 +356,19 @@ def test_bad_options(options, error, match):
         loopax.diffrax.CheckpointedAdjoint(**options)
 
 
+def test_reverse_only_stages():
+    """`forward_mode=False` keeps Diffrax's default (Equinox's checkpointed) stage
+    loop: the same gradient, and no forward mode."""
+    adjoint = loopax.diffrax.CheckpointedAdjoint(checkpoints=3, forward_mode=False)
+    loss = make_loss(adjoint, *CASES["heun-constant-dense"])
+    expected = jax.jit(grad(make_loss(DIRECT, *CASES["heun-constant-dense"])))
+    assert_close(
+        jax.jit(grad(loss))(THETA, Y0), expected(THETA, Y0), rtol=RTOL, atol=ATOL
+    )
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(ft.partial(loss, y0=Y0), (THETA,), (THETA,))
+
+
 def test_no_patching():
     """The adjoint leaves Diffrax's and Equinox's loops alone: after a solve with it,
     `RecursiveCheckpointAdjoint` still runs on Equinox's loop (which has no forward
