@@ -93,6 +93,7 @@ def test_truncated_solve_against_finite_differences():
     assert not np.allclose(got, implicit, rtol=1e-3)  # Unrolling really differs here.
 
 
+@pytest.mark.slow  # Excluded by default to keep the client tests short.
 def test_minimise_grad():
     def fit(adjoint):
         def fn(a):
