@@ -74,8 +74,8 @@ class CheckpointedAdjoint(diffrax.AbstractAdjoint):
     The Runge-Kutta stage loop is Diffrax's own (`solver.scan_kind`), not the
     adjoint's. With `forward_mode=True` (default), unless you set `scan_kind`, it is
     switched to a kind that stores every stage and supports every transformation (as
-    `diffrax.DirectAdjoint` does); this makes reverse mode slower (about 2x the
-    gradient time of `forward_mode=False` on a small neural ODE,
+    `diffrax.DirectAdjoint` does); this makes reverse mode slower (3.5x the
+    gradient time of `forward_mode=False` on a small neural ODE with Tsit5,
     `benchmarks/clients.py --adjoints`). With `forward_mode=False` the stage loop
     stays Equinox's checkpointed loop, as under `RecursiveCheckpointAdjoint`: the
     fastest gradients, Hessians (forward over reverse) still work, but `jvp`/`jacfwd`
