@@ -23,7 +23,19 @@ from loopax._schedule import (
     revolve_split,
     schedule,
 )
-from loopax._schedule.offline import beta_capped, repetition_number
+from loopax._schedule.offline import (
+    INT32_MAX,
+    beta_capped,
+    repetition_number,
+    revolve_cost_capped,
+)
+from loopax._schedule.online import (
+    OnlineState,
+    _cost_no_slot,
+    _cost_one_slot,
+    _greedy_slot,
+    forward_slots,
+)
 
 
 # Optimal and Equinox body-evaluation counts per (checkpoints, num_steps), committed with
@@ -386,3 +398,58 @@ def test_traced_matches_numpy(num_steps, checkpoints):
     assert int(j_restore) == int(restore_slot)
     assert int(count) == len(rows)
     assert np.asarray(j_rows)[: len(rows)].tolist() == rows
+
+
+def _greedy_forward_slots(checkpoints, num_steps):
+    """The online rule's decisions from `_greedy_slot`, which prices every option
+    from scratch at each step (batched over steps between stores, as the replay
+    used to be): the reference for the incremental `OnlinePlan`."""
+    pos = online_init(checkpoints, np).slot_pos
+    slots = []
+    while len(slots) < num_steps:
+        k = len(slots) + 1
+        if np.any(pos < 0):
+            slot, state = online_step(OnlineState(pos), np.int32(k), np)
+            slots.append(int(slot))
+            pos = state.slot_pos
+            continue
+        size = min(64, num_steps + 1 - k)
+        batch = _greedy_slot(pos, np.arange(k, k + size, dtype=np.int32), np)
+        (stores,) = np.nonzero(batch >= 0)
+        kept = int(stores[0]) if len(stores) else size
+        slots.extend([-1] * kept)
+        if len(stores):
+            slots.append(int(batch[kept]))
+            pos = pos.copy()
+            pos[int(batch[kept])] = k + kept
+    return tuple(slots[:num_steps])
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 17])
+def test_incremental_plan_matches_greedy_rule(checkpoints):
+    """`forward_slots` (an `OnlinePlan` per store, O(1) per step in between) makes
+    exactly the decisions of the rule priced from scratch at every step."""
+    num_steps = 1500
+    assert forward_slots(checkpoints, num_steps) == _greedy_forward_slots(
+        checkpoints, num_steps
+    )
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 64, 100_000])
+def test_closed_form_costs_of_the_last_stretch(checkpoints):
+    """The plan prices the growing last stretch with 0 or 1 free slots in closed
+    form; it equals `revolve_cost_capped` everywhere, up to the int32 limit."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate(
+        [
+            np.arange(0, 70_000),
+            rng.integers(0, INT32_MAX, 50_000),
+            INT32_MAX - np.arange(100),
+        ]
+    ).astype(np.int32)
+    cap = INT32_MAX // (2 * checkpoints + 4)
+    for free, fast in [(0, _cost_no_slot), (1, _cost_one_slot)]:
+        want = revolve_cost_capped(lengths, np.full_like(lengths, free), cap, np)
+        np.testing.assert_array_equal(fast(lengths, cap, np), want)
+        got = jax.jit(lambda x, fast=fast: fast(x, cap, jnp))(lengths)
+        np.testing.assert_array_equal(np.asarray(got), want)
