@@ -145,6 +145,7 @@ def main():
     parser.add_argument("--checkpoints", type=int, nargs="*")
     parser.add_argument("--forward", action="store_true")
     parser.add_argument("--old-src", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     steps = args.steps or ([1000, 5000] if args.quick else [1000, 5000, 20000])
     checkpoints = args.checkpoints or ([8, 64] if args.quick else [8, 64, 1000])
@@ -165,7 +166,7 @@ def main():
             c,
             forward=args.forward,
             old=old,
-            rounds=3 if args.quick else 5,
+            rounds=3 if args.quick else args.rounds,
         )
         for w in workloads
         for n in steps
