@@ -35,6 +35,9 @@ from loopax._schedule.online import (
     _cost_one_slot,
     _greedy_slot,
     forward_slots,
+    next_store,
+    online_plan,
+    online_store,
 )
 
 
@@ -425,11 +428,13 @@ def _greedy_forward_slots(checkpoints, num_steps):
     return tuple(slots[:num_steps])
 
 
-@pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 17])
-def test_incremental_plan_matches_greedy_rule(checkpoints):
+@pytest.mark.parametrize(
+    "checkpoints, num_steps",
+    [(1, 1500), (2, 1500), (3, 1500), (8, 1500), (17, 1500), (150, 500)],
+)
+def test_incremental_plan_matches_greedy_rule(checkpoints, num_steps):
     """`forward_slots` (an `OnlinePlan` per store, O(1) per step in between) makes
     exactly the decisions of the rule priced from scratch at every step."""
-    num_steps = 1500
     assert forward_slots(checkpoints, num_steps) == _greedy_forward_slots(
         checkpoints, num_steps
     )
@@ -453,3 +458,36 @@ def test_closed_form_costs_of_the_last_stretch(checkpoints):
         np.testing.assert_array_equal(fast(lengths, cap, np), want)
         got = jax.jit(lambda x, fast=fast: fast(x, cap, jnp))(lengths)
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("checkpoints, num_steps", [(3, 200), (150, 500)])
+def test_traced_plan_matches_numpy(checkpoints, num_steps):
+    """The plan, the store and the search as the compiled forward sweep runs them
+    (traced, with `lax.cond` choosing how to price the stretches) give the replay's
+    stores."""
+    c = checkpoints
+
+    @jax.jit
+    def stores(slot_pos):
+        plan = online_plan(slot_pos, jnp.arange(c, dtype=jnp.int32), jnp)
+
+        def body(carry):
+            slot_pos, plan, k, record = carry
+            stop, slot = next_store(plan, k, 32, jnp)
+
+            def store():
+                pos, order = online_store(slot_pos, plan, slot, stop, jnp)
+                return pos, online_plan(pos, order, jnp)
+
+            slot_pos, plan = lax.cond(slot >= 0, store, lambda: (slot_pos, plan))
+            record = record.at[jnp.minimum(stop - 1, num_steps)].set(slot)
+            return slot_pos, plan, stop, record
+
+        record = jnp.full((num_steps + 1,), -1, dtype=jnp.int32)
+        carry = (slot_pos, plan, jnp.int32(c), record)
+        return lax.while_loop(lambda v: v[2] < num_steps, body, carry)[3]
+
+    got = stores(jnp.arange(1, c + 1, dtype=jnp.int32))
+    want = forward_slots(c, num_steps)
+    assert want[:c] == tuple(range(c))  # The slots fill in order.
+    assert tuple(np.asarray(got)[c:num_steps].tolist()) == want[c:]
