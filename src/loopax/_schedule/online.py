@@ -58,8 +58,11 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     the final state uselessly, and it targets total evaluations rather than the
     repetition number.
 
-    Work per step: one sort of the positions and $O(c)$ vectorised repetition numbers
-    (each a fixed number of table lookups, no loop), skipped while a slot is empty. Costs
+    Work per call: one sort of the positions and $O(c)$ vectorised repetition numbers
+    (each a fixed number of table lookups, no loop), skipped while a slot is empty.
+    This is the reference form of the rule; the compiled forward sweep and
+    `forward_slots` make the same decisions from an `OnlinePlan`, $O(c)$ per store
+    and $O(1)$ per step. Costs
     are summed in int32 with each term capped at `(2**31 - 1) // (2 * checkpoints + 4)`;
     beyond that (loops of many millions of steps) options tie and the rule stops
     replacing checkpoints, which is valid but no longer near-optimal.
