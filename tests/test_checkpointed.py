@@ -486,7 +486,9 @@ def test_body_traced_independently_of_checkpoints(max_steps):
     assert few == many > 0
 
 
-@pytest.mark.parametrize("checkpoints, max_steps", [(3, None), (2, 20), (3, 6)])
+@pytest.mark.parametrize(
+    "checkpoints, max_steps", [(3, None), (2, 20), (3, 6), (6, None), (1, None)]
+)
 def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_steps):
     """The forward sweep looks the online rule's first decisions up in a table and
     runs the rule itself past it: shrink the table to 4 steps, and the body-call order
@@ -505,7 +507,7 @@ def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_ste
         )
     )
     bound = BOUND if max_steps is None else max_steps
-    for n in (3, 13, 30):
+    for n in (3, 13, 30, 39):
         _calls.clear()
         got = jax.block_until_ready(grad(X0, _int(n)))
         jax.effects_barrier()

@@ -228,7 +228,7 @@ _TRIGGERS = {
         10, max_recompute_factor=0.5
     ),
     "recompute-vs-budget": lambda: loopax.suggest_checkpoints(
-        20, max_recompute_factor=1.0, memory_budget=8, carry=jnp.ones(1)
+        20, max_recompute_factor=1.0, memory_budget=4096, carry=jnp.ones(256)
     ),
     "plot-needs-matplotlib": _no_matplotlib,
     "clients-missing": _client_missing,

@@ -16,7 +16,11 @@ from helpers import assert_tree_allclose
 
 import loopax
 import loopax.__main__ as cli
-from loopax._schedule.budget import parse_memory_budget
+from loopax._schedule.budget import (
+    CONTROLLER_BYTES_PER_SLOT,
+    MAX_AUTO_CHECKPOINTS,
+    parse_memory_budget,
+)
 from loopax._schedule.picture import trace
 
 
@@ -225,16 +229,24 @@ CARRY = (jnp.zeros(8, jnp.float32), jnp.zeros((100, 8), jnp.float32))  # 32 + 32
 
 
 def test_checkpoints_for_budget():
-    assert loopax.checkpoints_for_budget(CARRY, 3232 * 5 + 3) == 5
-    assert loopax.checkpoints_for_budget(CARRY, 100, buffers=lambda c: c[1]) == 3
+    # Each checkpoint counts one carry plus the controllers' working memory.
+    per_slot = CONTROLLER_BYTES_PER_SLOT
+    assert loopax.checkpoints_for_budget(CARRY, (3232 + per_slot) * 5 + 3) == 5
+    budget = (32 + per_slot) * 3 + 100
+    assert loopax.checkpoints_for_budget(CARRY, budget, buffers=lambda c: c[1]) == 3
     assert loopax.checkpoints_for_budget(CARRY, "1MiB", buffers=lambda c: c[1]) == (
-        2**20 // 32
+        2**20 // (32 + per_slot)
+    )
+    # Capped where the online rule's work per store would grow too large.
+    assert (
+        loopax.checkpoints_for_budget(CARRY, "1GiB", buffers=lambda c: c[1])
+        == MAX_AUTO_CHECKPOINTS
     )
     # Capped at max_steps: then every step is stored.
     assert loopax.checkpoints_for_budget(CARRY, "1MiB", max_steps=40) == 40
     assert loopax.checkpoints_for_budget(CARRY, "1MiB", max_steps=0) == 1
     structs = jax.ShapeDtypeStruct((4, 4), jnp.float64)
-    assert loopax.checkpoints_for_budget(structs, "1KiB") == 8
+    assert loopax.checkpoints_for_budget(structs, (128 + per_slot) * 8) == 8
     # All buffers: only a bound can cap the count.
     assert (
         loopax.checkpoints_for_budget(CARRY[1], 1, buffers=lambda c: c, max_steps=7)
@@ -293,7 +305,8 @@ def _recorded_grad(n, **options):
 
 
 X0 = jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)
-PER_CHECKPOINT = 4 + 32  # The counter `i` and `x`; `big` is a buffer.
+# The counter `i` and `x` (`big` is a buffer), and the controllers' working memory.
+PER_CHECKPOINT = 4 + 32 + CONTROLLER_BYTES_PER_SLOT
 
 
 def test_while_loop_auto_uses_the_budget():
@@ -324,7 +337,8 @@ def test_scan_and_fori_loop_auto():
 
     init = jnp.ones(4, jnp.float32)
     want = jax.grad(ft.partial(loss, lax.scan))(init)
-    for budget in (16 * 3, "1MiB"):  # 3 and (capped: all) 12 checkpoints.
+    three = (16 + CONTROLLER_BYTES_PER_SLOT) * 3
+    for budget in (three, "1MiB"):  # 3 and (capped: all) 12 checkpoints.
         scan = ft.partial(loopax.scan, checkpoints="auto", memory_budget=budget)
         assert_tree_allclose(jax.grad(ft.partial(loss, scan))(init), want, rtol=1e-5)
 
@@ -335,7 +349,7 @@ def test_scan_and_fori_loop_auto():
             lambda i, v: jnp.sin(v) + i.astype(v.dtype),
             x,
             checkpoints="auto",
-            memory_budget=40,
+            memory_budget=(16 + CONTROLLER_BYTES_PER_SLOT) * 2 + 100,
             max_steps=10,
         )
 
@@ -437,14 +451,15 @@ def test_suggest_checkpoints_recompute(n, target, known_length):
 
 def test_suggest_checkpoints_budget():
     carry = jnp.zeros(256, jnp.float32)  # 1 KiB
-    assert loopax.suggest_checkpoints(1000, memory_budget="10KiB", carry=carry) == 10
+    # Each checkpoint: 1 KiB of carry and 1 KiB of the controllers' working memory.
+    assert loopax.suggest_checkpoints(1000, memory_budget="10KiB", carry=carry) == 5
     assert loopax.suggest_checkpoints(5, memory_budget="10KiB", carry=carry) == 4
     big = (carry, jnp.zeros(10**5))
     assert (
         loopax.suggest_checkpoints(
             1000, memory_budget="10KiB", carry=big, buffers=lambda c: c[1]
         )
-        == 10
+        == 5
     )
     # Both: the smallest count meeting the target, if it fits.
     c = loopax.suggest_checkpoints(

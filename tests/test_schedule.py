@@ -23,7 +23,22 @@ from loopax._schedule import (
     revolve_split,
     schedule,
 )
-from loopax._schedule.offline import beta_capped, repetition_number
+from loopax._schedule.offline import (
+    INT32_MAX,
+    beta_capped,
+    repetition_number,
+    revolve_cost_capped,
+)
+from loopax._schedule.online import (
+    OnlineState,
+    _cost_no_slot,
+    _cost_one_slot,
+    _greedy_slot,
+    forward_slots,
+    next_store,
+    online_plan,
+    online_store,
+)
 
 
 # Optimal and Equinox body-evaluation counts per (checkpoints, num_steps), committed with
@@ -386,3 +401,93 @@ def test_traced_matches_numpy(num_steps, checkpoints):
     assert int(j_restore) == int(restore_slot)
     assert int(count) == len(rows)
     assert np.asarray(j_rows)[: len(rows)].tolist() == rows
+
+
+def _greedy_forward_slots(checkpoints, num_steps):
+    """The online rule's decisions from `_greedy_slot`, which prices every option
+    from scratch at each step (batched over steps between stores, as the replay
+    used to be): the reference for the incremental `OnlinePlan`."""
+    pos = online_init(checkpoints, np).slot_pos
+    slots = []
+    while len(slots) < num_steps:
+        k = len(slots) + 1
+        if np.any(pos < 0):
+            slot, state = online_step(OnlineState(pos), np.int32(k), np)
+            slots.append(int(slot))
+            pos = state.slot_pos
+            continue
+        size = min(64, num_steps + 1 - k)
+        batch = _greedy_slot(pos, np.arange(k, k + size, dtype=np.int32), np)
+        (stores,) = np.nonzero(batch >= 0)
+        kept = int(stores[0]) if len(stores) else size
+        slots.extend([-1] * kept)
+        if len(stores):
+            slots.append(int(batch[kept]))
+            pos = pos.copy()
+            pos[int(batch[kept])] = k + kept
+    return tuple(slots[:num_steps])
+
+
+@pytest.mark.parametrize(
+    "checkpoints, num_steps",
+    [(1, 1500), (2, 1500), (3, 1500), (8, 1500), (17, 1500), (150, 500)],
+)
+def test_incremental_plan_matches_greedy_rule(checkpoints, num_steps):
+    """`forward_slots` (an `OnlinePlan` per store, O(1) per step in between) makes
+    exactly the decisions of the rule priced from scratch at every step."""
+    assert forward_slots(checkpoints, num_steps) == _greedy_forward_slots(
+        checkpoints, num_steps
+    )
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 64, 100_000])
+def test_closed_form_costs_of_the_last_stretch(checkpoints):
+    """The plan prices the growing last stretch with 0 or 1 free slots in closed
+    form; it equals `revolve_cost_capped` everywhere, up to the int32 limit."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate(
+        [
+            np.arange(0, 70_000),
+            rng.integers(0, INT32_MAX, 50_000),
+            INT32_MAX - np.arange(100),
+        ]
+    ).astype(np.int32)
+    cap = INT32_MAX // (2 * checkpoints + 4)
+    for free, fast in [(0, _cost_no_slot), (1, _cost_one_slot)]:
+        want = revolve_cost_capped(lengths, np.full_like(lengths, free), cap, np)
+        np.testing.assert_array_equal(fast(lengths, cap, np), want)
+        got = jax.jit(lambda x, fast=fast: fast(x, cap, jnp))(lengths)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("checkpoints, num_steps", [(3, 200), (150, 500)])
+def test_traced_plan_matches_numpy(checkpoints, num_steps):
+    """The plan, the store and the search as the compiled forward sweep runs them
+    (traced, with `lax.cond` choosing how to price the stretches) give the replay's
+    stores."""
+    c = checkpoints
+
+    @jax.jit
+    def stores(slot_pos):
+        plan = online_plan(slot_pos, jnp.arange(c, dtype=jnp.int32), jnp)
+
+        def body(carry):
+            slot_pos, plan, k, record = carry
+            stop, slot = next_store(plan, k, 32, jnp)
+
+            def store():
+                pos, order = online_store(slot_pos, plan, slot, stop, jnp)
+                return pos, online_plan(pos, order, jnp)
+
+            slot_pos, plan = lax.cond(slot >= 0, store, lambda: (slot_pos, plan))
+            record = record.at[jnp.minimum(stop - 1, num_steps)].set(slot)
+            return slot_pos, plan, stop, record
+
+        record = jnp.full((num_steps + 1,), -1, dtype=jnp.int32)
+        carry = (slot_pos, plan, jnp.int32(c), record)
+        return lax.while_loop(lambda v: v[2] < num_steps, body, carry)[3]
+
+    got = stores(jnp.arange(1, c + 1, dtype=jnp.int32))
+    want = forward_slots(c, num_steps)
+    assert want[:c] == tuple(range(c))  # The slots fill in order.
+    assert tuple(np.asarray(got)[c:num_steps].tolist()) == want[c:]

@@ -21,14 +21,18 @@ from jaxtyping import Array
 
 from .._jax_internals import zeros
 from .._schedule import (
-    OnlineState,
-    forward_slots as online_forward_slots,
-    online_init,
-    online_step,
     plain_advances,
     reverse_done,
     reverse_init,
     reverse_step,
+)
+from .._schedule.offline import INT32_MAX
+from .._schedule.online import (
+    OnlinePlan,
+    forward_slots as online_forward_slots,
+    next_store,
+    online_plan,
+    online_store,
 )
 
 
@@ -130,16 +134,27 @@ def recording_forward(
             checkpoints, _online_table_length(max_steps)
         )
     num_table = len(forward_slots)
-    # Store `m` of the table: after step `store_steps[m]`, into `store_slots[m]`; a
-    # last entry past the table stops the tight loop at the table's end.
+    table_covers_loop = exact or (max_steps is not None and max_steps <= num_table)
+    # Store `m` of the table: after step `store_steps[m]`, into `store_slots[m]`. Past
+    # the table a last entry stops the tight loop at the table's end, with no store,
+    # and the rule takes over from there.
     stores = [(k, slot) for k, slot in enumerate(forward_slots, start=1) if slot >= 0]
+    if not table_covers_loop:
+        stores.append((num_table, -1))
+    # One spare entry, read only when the table covers the loop: a stop never reached.
     store_steps = jnp.asarray(
-        np.array([k for k, _ in stores] + [num_table + 1], dtype=np.int32)
+        np.array([k for k, _ in stores] + [INT32_MAX], dtype=np.int32)
     )
     store_slots = jnp.asarray(
         np.array([slot for _, slot in stores] + [-1], dtype=_slot_dtype(checkpoints))
     )
-    table_covers_loop = exact or (max_steps is not None and max_steps <= num_table)
+    num_stores = len(stores)
+    # The rule's state at the table's end, computed at trace time.
+    table_pos = np.full((checkpoints,), -1, dtype=np.int32)
+    for k, slot in stores:
+        if slot >= 0:
+            table_pos[slot] = k
+    table_plan = _plan_at(table_pos)
 
     stack = [zeros(jax.typeof(x), (checkpoints,)) for x in pick(init, is_stored)]
     ys = [zeros(y, (output_rows(max_steps),)) for y in ys_shapes]
@@ -150,51 +165,107 @@ def recording_forward(
         state, y = step(state)
         return state, _write_slot(ys, k, y)
 
-    def choose_slot(online: OnlineState, m, k):
-        """The slot for `x_k`, reached at the end of a tight run."""
+    def rule(slot_pos, plan, k, slot):
+        """Past the table: record the store of `x_k` into `slot` (-1: none), then
+        find the next stop. $O(c)$ per store, $O(1)$ per step searched."""
 
-        def look_up():
-            slot = store_slots[m].astype(jnp.int32)
-            slots = jnp.arange(checkpoints, dtype=jnp.int32)
-            slot_pos = jnp.where(slots == slot, k, online.slot_pos).astype(jnp.int32)
-            return slot, OnlineState(slot_pos)
+        def stored():
+            pos = slot_pos.at[slot].set(k)
 
-        if table_covers_loop:
-            return look_up()
-        return lax.cond(k <= num_table, look_up, lambda: online_step(online, k, jnp))
+            def order():
+                return lax.cond(
+                    k > checkpoints,
+                    lambda: online_store(slot_pos, plan, slot, k, jnp)[1],
+                    lambda: jnp.arange(checkpoints, dtype=jnp.int32),
+                )
+
+            new_plan = lax.cond(
+                k >= checkpoints,
+                lambda: online_plan(pos, order(), jnp),
+                lambda: plan,
+            )
+            return pos, new_plan
+
+        slot_pos, plan = lax.cond(slot >= 0, stored, lambda: (slot_pos, plan))
+        stop, next_slot = lax.cond(
+            k < checkpoints,
+            lambda: (k + 1, k),
+            lambda: next_store(plan, k, _ONLINE_WINDOW, jnp),
+        )
+        return slot_pos, plan, stop, next_slot
 
     def run_to_next_store(carry):
-        state, stack, online, ys, m = carry
-        k = state[0]
-        stop = (
-            store_steps[m]
-            if table_covers_loop
-            else (jnp.where(k < num_table, store_steps[m], k + 1))
-        )
+        state, stack, slot_pos, plan, ys, m = carry
+        stop, slot = m[1], m[2]
         state, ys = lax.while_loop(
             lambda c: keep_going(c[0]) & (c[0][0] < stop),
             step_and_write,
             (state, ys),
         )
         k = state[0]
-        new_slot, new_online = choose_slot(online, m, k)
         reached = k == stop
-        slot = jnp.where(reached, new_slot, -1)
-        online = OnlineState(jnp.where(reached, new_online.slot_pos, online.slot_pos))
-        m = m + (reached & (k <= num_table)).astype(jnp.int32)
+        slot = jnp.where(reached, slot, -1)
         stack = lax.cond(
             slot >= 0,
             lambda: _write_slot(stack, slot, pick(state, is_stored)),
             lambda: stack,
         )
-        return state, stack, online, ys, m
+        index = m[0] + 1
 
-    final, stack, online, ys, _ = lax.while_loop(
+        def from_table():
+            pos = lax.cond(
+                slot >= 0, lambda: slot_pos.at[slot].set(k), lambda: slot_pos
+            )
+            return (
+                pos,
+                plan,
+                store_steps[index],
+                store_slots[index].astype(jnp.int32),
+            )
+
+        if table_covers_loop:
+            new = from_table()
+        else:
+            new = lax.cond(
+                index < num_stores,
+                from_table,
+                lambda: rule(slot_pos, plan, k, slot),
+            )
+        # Not reached: the loop has ended and nothing was stored.
+        slot_pos, plan, next_stop, next_slot = new
+        m = jnp.stack([index, next_stop, next_slot])
+        return state, stack, slot_pos, plan, ys, m
+
+    m = jnp.stack([jnp.int32(0), store_steps[0], store_slots[0].astype(jnp.int32)])
+    final, stack, slot_pos, _, ys, _ = lax.while_loop(
         lambda c: keep_going(c[0]),
         run_to_next_store,
-        (list(init), stack, online_init(checkpoints, jnp), ys, jnp.int32(0)),
+        (
+            list(init),
+            stack,
+            jnp.full((checkpoints,), -1, dtype=jnp.int32),
+            table_plan,
+            ys,
+            m,
+        ),
     )
-    return final, stack, online.slot_pos, ys
+    return final, stack, slot_pos, ys
+
+
+# Steps the compiled forward sweep searches at once for the next store past the table.
+_ONLINE_WINDOW = 32
+
+
+def _plan_at(slot_pos: np.ndarray) -> OnlinePlan:
+    """The rule's plan for slots holding `slot_pos` (any plan while a slot is empty:
+    it is not read until the slots are full), as int32 constants."""
+    order = np.argsort(slot_pos, kind="stable").astype(np.int32)
+    if np.all(slot_pos >= 0):
+        plan = online_plan(slot_pos, order, np)
+    else:
+        zero = np.int32(0)
+        plan = OnlinePlan(order, zero, zero, zero, zero, zero, zero, zero)
+    return OnlinePlan(*(jnp.asarray(np.asarray(x, dtype=np.int32)) for x in plan))
 
 
 def per_step_forward(

@@ -119,6 +119,20 @@ def carry_bytes(carry: Any, buffers: Callable[[Any], Any] | None = None) -> int:
     return sum(_leaf_bytes(x) for i, x in enumerate(leaves) if i not in selected)
 
 
+# The checkpointing controllers' working memory per slot, besides the stored carry:
+# the step held by each slot and the slot order (int32 each) and the temporaries of
+# the online rule's plan (`online_plan`, rebuilt at each store) and of the reverse
+# controller. Measured at about 620 bytes per slot (an 8-byte carry, 4096 to 16384
+# slots, jax 0.10.2 on CPU: `memory_analysis().temp_size_in_bytes` of the gradient);
+# rounded up.
+CONTROLLER_BYTES_PER_SLOT = 1024
+# The most checkpoints `checkpoints="auto"` chooses when it cannot store every step:
+# the online rule does O(c) work per store, and beyond a few thousand slots more
+# barely reduce recomputation (4096 slots reverse 10**9 steps with at most 3
+# recomputations of each).
+MAX_AUTO_CHECKPOINTS = 4096
+
+
 def checkpoints_for_budget(
     init_val: Any,
     memory_budget: int | str,
@@ -129,11 +143,17 @@ def checkpoints_for_budget(
     """The number of checkpoints `checkpoints="auto"` chooses for a memory budget.
 
     `loopax.while_loop(..., checkpoints="auto", memory_budget=...)` (and
-    `loopax.scan`, `loopax.fori_loop`) call exactly this at trace time: the largest
-    `c` such that `c` copies of the carry, buffers excluded, fit in `memory_budget`
-    bytes. More checkpoints never cost more recomputation, so this is the fastest
-    gradient the budget allows. With `max_steps`, `c` is capped at `max_steps`: a
-    loop that can store every step takes the store-all path (no recomputation).
+    `loopax.scan`, `loopax.fori_loop`) call exactly this at trace time. With
+    `max_steps`, if `max_steps` copies of the carry (buffers excluded) fit in
+    `memory_budget` bytes, it is `max_steps`: the loop takes the store-all path (no
+    recomputation, no controller). Otherwise it is the largest `c` such that `c`
+    checkpoints fit, each counted as one copy of the carry plus the checkpointing
+    controllers' working memory per slot (`CONTROLLER_BYTES_PER_SLOT` = 1024 bytes:
+    the step held by each slot, the slot order, the online rule's temporaries), and
+    at most `MAX_AUTO_CHECKPOINTS` = 4096 (the online rule's work per store grows with
+    `c`, and more slots than that barely reduce recomputation). More checkpoints
+    never cost more recomputation, so within these bounds this is the fastest
+    gradient the budget allows.
 
     **Arguments:**
 
@@ -148,7 +168,8 @@ def checkpoints_for_budget(
 
     **Returns:**
 
-    A positive int: `memory_budget // carry_bytes`, at most `max(max_steps, 1)`.
+    A positive int: `max(max_steps, 1)` if that many carries fit, else
+    `min(memory_budget // (carry_bytes + 1024), 4096)`.
 
     **Raises:**
 
@@ -157,14 +178,13 @@ def checkpoints_for_budget(
 
     !!! warning
 
-        The budget counts the checkpoints only: not the buffers, not the loop's 4-byte
-        step counter per slot, not the working memory of the body or its VJP. On the
-        store-all path (`c == max_steps`) each step's VJP residuals are stored instead
-        of the carries (like `lax.scan`); they may be larger than the carry. Under
-        `vmap` the carry is measured per batch element, so a batch of `B` needs `B`
-        times the budget. Without `max_steps`, a small carry and a large budget give
-        many checkpoints, and the forward sweep's placement rule costs $O(c \\log c)$
-        integer work per step: pass `max_steps` when you can.
+        The budget counts the checkpoints and the controllers' working memory: not
+        the buffers, not the working memory of the body or its VJP (the current
+        state, its cotangent, the body's residuals: a few carries). On the store-all
+        path (`c == max_steps`) each step's VJP residuals are stored instead of the
+        carries (like `lax.scan`); they may be larger than the carry. Under `vmap`
+        the carry is measured per batch element, so a batch of `B` needs `B` times
+        the budget.
     """
     budget = parse_memory_budget(memory_budget)
     if max_steps is not None:
@@ -186,15 +206,18 @@ def checkpoints_for_budget(
                 "`checkpoints=` explicitly, or `max_steps=` to store every step."
             )
         return max(max_steps, 1)
-    count = budget // per_checkpoint
+    if max_steps is not None and budget // per_checkpoint >= max(max_steps, 1):
+        return max(max_steps, 1)  # Store-all: no controller, no recomputation.
+    count = min(
+        budget // (per_checkpoint + CONTROLLER_BYTES_PER_SLOT), MAX_AUTO_CHECKPOINTS
+    )
     if count < 1:
         raise ValueError(
             f"`memory_budget` of {budget} bytes ({format_bytes(budget)}) cannot hold "
             f"even one checkpoint: one copy of the carry (buffers excluded) takes "
-            f"{per_checkpoint} bytes ({format_bytes(per_checkpoint)}). Raise "
+            f"{per_checkpoint} bytes ({format_bytes(per_checkpoint)}), plus "
+            f"{CONTROLLER_BYTES_PER_SLOT} bytes of working memory per checkpoint. Raise "
             "`memory_budget`, declare large write-once arrays with `buffers=`, or "
             "use kind='lax' if you need no reverse mode."
         )
-    if max_steps is not None:
-        count = min(count, max(max_steps, 1))
     return count

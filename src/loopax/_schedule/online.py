@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .offline import INT32_MAX, cond, revolve_cost_capped
+from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped
 
 
 class OnlineState(NamedTuple):
@@ -58,8 +58,11 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     the final state uselessly, and it targets total evaluations rather than the
     repetition number.
 
-    Work per step: one sort of the positions and $O(c)$ vectorised repetition numbers
-    (each a fixed number of table lookups, no loop), skipped while a slot is empty. Costs
+    Work per call: one sort of the positions and $O(c)$ vectorised repetition numbers
+    (each a fixed number of table lookups, no loop), skipped while a slot is empty.
+    This is the reference form of the rule; the compiled forward sweep and
+    `forward_slots` make the same decisions from an `OnlinePlan`, $O(c)$ per store
+    and $O(1)$ per step. Costs
     are summed in int32 with each term capped at `(2**31 - 1) // (2 * checkpoints + 4)`;
     beyond that (loops of many millions of steps) options tie and the rule stops
     replacing checkpoints, which is valid but no longer near-optimal.
@@ -165,38 +168,271 @@ def _greedy_slot(pos, step, xp):
     return xp.where(best == 0, -1, order[xp.maximum(best - 1, 0)]).astype(xp.int32)
 
 
+class OnlinePlan(NamedTuple):
+    """The greedy rule of `online_step` between two stores, reduced to a few scalars.
+
+    With every slot full and the slots unchanged, only the stretch after the last
+    checkpoint grows with the step, so each option's price is a constant plus one
+    revolve cost of that stretch. With $b_1 < \\dots < b_c$ the stored steps and
+    $b_0 = 0$:
+
+    - keeping: `keep + R(step + 1 - last, 0)`,
+    - replacing the best of $b_1 .. b_{c-1}$: `early + R(step - last, 1)`,
+    - replacing $b_c$: `late + R(step - second_last, 1)`,
+
+    where `R` is `revolve_cost_capped`. Computing the constants costs $O(c)$, once per
+    store; each step then costs $O(1)$.
+
+    - `order`: int32[checkpoints], the slots sorted by the step they hold.
+    - `keep`, `early`, `late`: int32 scalars, the constant parts of the prices
+        (`early` is `INT32_MAX` for one slot).
+    - `early_slot`, `late_slot`: int32 scalars, the slots those options overwrite.
+    - `last`, `second_last`: int32 scalars, $b_c$ and $b_{c-1}$.
+    """
+
+    order: Any
+    keep: Any
+    early: Any
+    early_slot: Any
+    late: Any
+    late_slot: Any
+    last: Any
+    second_last: Any
+
+
+def online_plan(slot_pos, order, xp) -> OnlinePlan:
+    """The `OnlinePlan` of full slots holding `slot_pos`, sorted by `order`.
+
+    The same sums as `_greedy_slot`, regrouped: every term is capped the same way, so
+    the prices, and the decisions with their tie-breaks, are identical.
+    """
+    c = slot_pos.shape[0]
+    cap = INT32_MAX // (2 * c + 4)
+    sorted_pos = slot_pos[order]
+    zero = xp.zeros((1,), dtype=xp.int32)
+    bounds = xp.concatenate([zero, sorted_pos])  # b_0 .. b_c
+    lengths = bounds[1:] - bounds[:-1]  # stretch j = [b_j, b_{j+1}), j < c
+    merged = bounds[2:] - bounds[:-2]  # removing b_i (i < c) merges i - 1 and i
+    free = c - xp.arange(c, dtype=xp.int32)
+    keep_free, one_more, merged_cost = _stretch_costs(
+        [lengths, lengths, merged], [free, free + 1, free[:-1]], cap, xp
+    )
+    before = xp.concatenate([zero, xp.cumsum(keep_free, dtype=xp.int32)])  # before[i]
+    # after[i] = one_more[i + 1] + ... + one_more[c - 1], for i = 1 .. c - 1.
+    after = xp.cumsum(one_more[::-1], dtype=xp.int32)[::-1]
+    after = xp.concatenate([after[2:], zero])[: c - 1]
+    early_prices = before[: c - 1] + merged_cost + after
+    if c > 1:
+        best = xp.argmin(early_prices).astype(xp.int32)
+        early = early_prices[best]
+        early_slot = order[best]
+    else:
+        early = xp.int32(INT32_MAX)
+        early_slot = xp.int32(-1)
+    return OnlinePlan(
+        order=order,
+        keep=before[c],
+        early=xp.asarray(early, dtype=xp.int32),
+        early_slot=xp.asarray(early_slot, dtype=xp.int32),
+        late=before[c - 1],
+        late_slot=order[c - 1],
+        last=bounds[c],
+        second_last=bounds[c - 1],
+    )
+
+
+# `_stretch_costs` prices at most this many of the last stretches of each group with
+# the general revolve cost; the others have enough free slots to be trivial.
+_HARD_TAIL = 32
+
+
+def _stretch_costs(lengths, free, cap: int, xp):
+    """`revolve_cost_capped` of each group of stretches (lengths and free slots, both
+    lists of int32 arrays, every free count >= 1), computed cheaply where possible.
+
+    A stretch of `l` steps with `s >= max(l - 2, 1)` free slots costs `min(l - 1,
+    cap)` (repetition number 1: store every state but the last), which needs no
+    table lookup. In each group the free counts decrease along the group, so the
+    stretches that need the general formula are usually at its end: if they all lie
+    in the last `_HARD_TAIL` of their group, only those are priced in general, else
+    every stretch is. Either way the costs are exactly `revolve_cost_capped`'s.
+    """
+    sizes = [int(x.shape[0]) for x in lengths]
+    all_lengths = xp.concatenate(lengths)
+    all_free = xp.concatenate(free)
+
+    def general():
+        return revolve_cost_capped(all_lengths, all_free, cap, xp)
+
+    tail = [min(n, _HARD_TAIL) for n in sizes]
+    if sum(sizes) <= 2 * sum(tail):
+        costs = general()
+    else:
+        easy = all_free + 2 >= all_lengths
+        simple = xp.where(all_lengths <= 1, 0, xp.minimum(all_lengths - 1, cap))
+        simple = simple.astype(xp.int32)
+        starts = np.cumsum([0, *sizes[:-1]])
+        head = np.concatenate(
+            [
+                np.arange(a, a + n - t)
+                for a, n, t in zip(starts, sizes, tail, strict=True)
+            ]
+        )
+        ends = np.concatenate(
+            [
+                np.arange(a + n - t, a + n)
+                for a, n, t in zip(starts, sizes, tail, strict=True)
+            ]
+        )
+
+        def tails_only():
+            hard = revolve_cost_capped(all_lengths[ends], all_free[ends], cap, xp)
+            out = xp.where(easy, simple, 0).astype(xp.int32)
+            if xp is np:
+                out = out.copy()
+                out[ends] = hard
+                return out
+            return out.at[ends].set(hard)
+
+        costs = cond(
+            xp.all(easy[head]), lambda _: tails_only(), lambda _: general(), None, xp
+        )
+    out, start = [], 0
+    for n in sizes:
+        out.append(costs[start : start + n])
+        start += n
+    return out
+
+
+def online_decide(plan: OnlinePlan, step, xp):
+    """`_greedy_slot` from an `OnlinePlan`: the slot to overwrite with `x_step`, or -1,
+    for an array of steps after `plan.last`. $O(1)$ per step."""
+    c = plan.order.shape[0]
+    cap = INT32_MAX // (2 * c + 4)
+    step = xp.asarray(step, dtype=xp.int32)
+    keep = plan.keep + _cost_no_slot(step + 1 - plan.last, cap, xp)
+    # One slot: there is no early option (`late` is at most the cap, so it wins).
+    early = (
+        plan.early + _cost_one_slot(step - plan.last, cap, xp)
+        if c > 1
+        else xp.full_like(keep, INT32_MAX)
+    )
+    late = plan.late + _cost_one_slot(step - plan.second_last, cap, xp)
+    slot = xp.where(early <= late, plan.early_slot, plan.late_slot)
+    return xp.where(xp.minimum(early, late) < keep, slot, -1).astype(xp.int32)
+
+
+def _cost_no_slot(length, cap: int, xp):
+    """`revolve_cost_capped(length, 0, cap, xp)`: `length * (length - 1) / 2`, capped."""
+    length = xp.asarray(length, dtype=xp.int32)
+    cap32 = xp.int32(cap)
+    even = length % 2 == 0
+    a = xp.where(even, length // 2, length)
+    b = xp.where(even, length - 1, (length - 1) // 2)
+    over = a > cap32 // xp.maximum(b, 1)
+    cost = xp.where(over, cap32, xp.where(over, 0, a) * b)
+    return xp.where(length <= 1, 0, xp.minimum(cost, cap32)).astype(xp.int32)
+
+
+def _cost_one_slot(length, cap: int, xp):
+    r"""`revolve_cost_capped(length, 1, cap, xp)` in closed form (no table lookups).
+
+    With one free slot the repetition number $r$ is the smallest with $\beta(2, r) =
+    (r + 1)(r + 2) / 2 \geq$ `length`, and the cost is $r \, l - \beta(3, r - 1)$,
+    where $\beta(3, r - 1) = h (r + 2) / 3$ with $h = r (r + 1) / 2 < l$. Unless $r l$
+    exceeds the cap (then the cost is the cap), $h (r + 2) < 3 r l \leq 3 \cdot$ `cap`
+    fits in int32 (`cap` is at most `(2**31 - 1) // 6`)."""
+    length = xp.asarray(length, dtype=xp.int32)
+    cap32 = xp.int32(cap)
+    # A float estimate of r, then the exact count over a window of five around it.
+    guess = xp.sqrt(2.0 * xp.maximum(length, 1).astype(xp.float32)) - 1.5
+    low = xp.clip(xp.floor(guess).astype(xp.int32) - 2, 0, _MAX_SQUARE - 4)
+    r = low
+    for offset in range(5):
+        m = low + offset
+        odd = m & 1
+        square = ((m + 1) >> odd) * ((m + 2) >> (1 - odd))  # beta(2, m), m <= 65534
+        r = r + (square < length).astype(xp.int32)
+    over = r > cap32 // xp.maximum(length, 1)
+    r_safe = xp.where(over, 0, r)
+    h = xp.where(
+        r_safe % 2 == 0, r_safe // 2 * (r_safe + 1), (r_safe + 1) // 2 * r_safe
+    )
+    cost = xp.where(over, cap32, r_safe * length - h * (r_safe + 2) // 3)
+    return xp.where(length <= 1, 0, xp.minimum(cost, cap32)).astype(xp.int32)
+
+
+def online_store(slot_pos, plan: OnlinePlan, slot, step, xp):
+    """`slot_pos` and `order` after storing `x_step` (later than every stored state)
+    into the full slot `slot`: the slot moves to the end of the order. $O(c)$."""
+    c = slot_pos.shape[0]
+    order = plan.order
+    index = xp.argmax(order == slot)
+    j = xp.arange(c, dtype=xp.int32)
+    moved = order[xp.minimum(j + (j >= index).astype(xp.int32), c - 1)]
+    order = xp.where(j == c - 1, slot, moved).astype(xp.int32)
+    if xp is np:
+        slot_pos = slot_pos.copy()
+        slot_pos[slot] = step
+    else:
+        slot_pos = slot_pos.at[slot].set(step)
+    return slot_pos, order
+
+
+def next_store(plan: OnlinePlan, after, window: int, xp):
+    """The first store strictly after step `after`, searched up to `after + window`:
+    `(step, slot)`, or `(after + window, -1)` if there is none in that range.
+    `after >= plan.last`; the work is $O(1)$ per step searched."""
+    steps = after + 1 + xp.arange(window, dtype=xp.int32)
+    slots = online_decide(plan, steps, xp)
+    stores = slots >= 0
+    first = xp.argmax(stores)
+    found = stores[first]
+    stop = xp.where(found, steps[first], after + window).astype(xp.int32)
+    return stop, xp.where(found, slots[first], -1).astype(xp.int32)
+
+
+# The most steps searched at once by `next_store` in the replay (the compiled loop
+# uses its own window; the decisions do not depend on it).
+_REPLAY_WINDOW = 1024
+
+
 def forward_slots(checkpoints: int, num_steps: int) -> tuple[int, ...]:
     """The slot `online_step` stores each `x_k`, `k = 1 .. num_steps`, into (or -1),
     computed eagerly with NumPy for `loopax.schedule`.
 
     The decisions depend on nothing but `checkpoints` and `k`, so they are cached per
-    `checkpoints` and extended on demand. Once the slots are full they change only when
-    a checkpoint is replaced, which is rare; until then the rule prices a batch of
-    steps in one vectorised call of the very same code and takes the first store.
+    `checkpoints` and extended on demand. The first `checkpoints` steps fill the slots
+    in order; after that the rule runs from an `OnlinePlan`, rebuilt after each store
+    ($O(c)$) and searched for the next store in $O(1)$ per step, exactly as the
+    compiled forward sweep does.
     """
-    slots, pos = _FORWARD.get(checkpoints, ([], online_init(checkpoints, np).slot_pos))
-    gap = 1
+    c = checkpoints
+    slots, slot_pos, plan = _FORWARD.get(c, ([], None, None))
     while len(slots) < num_steps:
-        k = len(slots) + 1
-        if np.any(pos < 0):
-            slot, state = online_step(OnlineState(pos), np.int32(k), np)
-            slots.append(int(slot))
-            pos = state.slot_pos
+        k = len(slots)  # The last step decided.
+        if k < c:
+            slots.append(k)
+            if k + 1 == c:
+                slot_pos = np.arange(1, c + 1, dtype=np.int32)
+                plan = online_plan(slot_pos, np.arange(c, dtype=np.int32), np)
             continue
-        size = min(max(2 * gap, 8), 128, num_steps + 1 - k)
-        batch = _greedy_slot(pos, np.arange(k, k + size, dtype=np.int32), np)
-        (stores,) = np.nonzero(batch >= 0)
-        kept = int(stores[0]) if len(stores) else size
-        slots.extend([-1] * kept)
-        gap += kept
-        if len(stores):
-            slot = int(batch[kept])
-            slots.append(slot)
-            pos = pos.copy()
-            pos[slot] = k + kept
-            gap = 1
-    _FORWARD[checkpoints] = (slots, pos)
+        assert plan is not None and slot_pos is not None
+        stop, slot = k, -1
+        window = 16
+        while slot < 0 and stop < num_steps:
+            stop, slot = next_store(plan, np.int32(stop), window, np)
+            stop, slot = int(stop), int(slot)
+            window = min(2 * window, _REPLAY_WINDOW)
+        if slot < 0:
+            stop = max(stop, k + 1)
+        slots.extend([-1] * (stop - k - 1))
+        slots.append(slot)
+        if slot >= 0:
+            slot_pos, order = online_store(slot_pos, plan, slot, np.int32(stop), np)
+            plan = online_plan(slot_pos, order, np)
+    _FORWARD[c] = (slots, slot_pos, plan)
     return tuple(slots[:num_steps])
 
 
-_FORWARD: dict[int, tuple[list[int], Any]] = {}
+_FORWARD: dict[int, tuple[list[int], Any, Any]] = {}
