@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import loopax
-from loopax._backends.bounded import plan
+from loopax._schedule import bounded_plan as plan
 
 
 DIM = 32

@@ -47,7 +47,7 @@ from _common import (
 from against_equinox import STATE, WIDTH, make_problem
 
 import loopax
-from loopax._backends.checkpointed import default_checkpoints
+from loopax._schedule import default_checkpoints
 
 
 FORWARD_TARGET = 1.02

@@ -37,7 +37,7 @@ import jax.random as jr
 from _common import compile_and_time, machine, print_table, write_json
 
 import loopax
-from loopax._backends.checkpointed import default_checkpoints
+from loopax._schedule import default_checkpoints
 
 
 STATE, HIDDEN = 16, 64

@@ -39,7 +39,7 @@ from _common import (
 )
 
 import loopax
-from loopax._backends.checkpointed import default_checkpoints
+from loopax._schedule import default_checkpoints
 
 
 STATE, WIDTH, BATCH = 64, 128, 32

@@ -27,7 +27,7 @@ from helpers import (
 )
 
 import loopax
-from loopax._backends.bounded import plan
+from loopax._schedule import bounded_plan as plan
 
 
 BASE = 4

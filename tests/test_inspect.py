@@ -110,8 +110,10 @@ def test_render_summary_and_timeline():
 
 
 def test_render_long_and_store_all():
-    text = str(loopax.schedule(1000, 10))
-    assert "timeline of 6488 actions left out" in text
+    plan = loopax.schedule(1000, 10)
+    text = str(plan)
+    assert "timeline of 4552 body evaluations left out" in text
+    assert plan.total_evaluations == 4552
     assert "recompute factor 2.276" in text
     assert "store-all" in str(loopax.schedule(5, 5, max_steps=5))
     assert "known up front" in str(loopax.schedule(9, 2, known_length=True))

@@ -13,32 +13,39 @@ import numpy as np
 import pytest
 
 from loopax._schedule import (
+    OnlineState,
     beta,
+    forward_slots,
     online_init,
+    online_positions,
     online_step,
     reverse_done,
     reverse_init,
     reverse_step,
     revolve_cost,
+    revolve_forward_slots,
+    revolve_positions,
     revolve_split,
     schedule,
+    suggest_checkpoints as loopax_suggest,
 )
 from loopax._schedule.offline import (
     INT32_MAX,
+    _repetition_number,
     beta_capped,
     repetition_number,
     revolve_cost_capped,
+    revolve_split_int,
 )
 from loopax._schedule.online import (
-    OnlineState,
     _cost_no_slot,
     _cost_one_slot,
     _greedy_slot,
-    forward_slots,
     next_store,
     online_plan,
     online_store,
 )
+from loopax._schedule.replay import replay_counts
 
 
 # Optimal and Equinox body-evaluation counts per (checkpoints, num_steps), committed with
@@ -491,3 +498,169 @@ def test_traced_plan_matches_numpy(checkpoints, num_steps):
     want = forward_slots(c, num_steps)
     assert want[:c] == tuple(range(c))  # The slots fill in order.
     assert tuple(np.asarray(got)[c:num_steps].tolist()) == want[c:]
+
+
+# -- closed forms against the exact replay ----------------------------------------------
+
+
+def _slow_repetition_number(length, c):
+    r = 0
+    while beta(c, r) < length:
+        r += 1
+    return r
+
+
+def test_repetition_number_python():
+    for c in [1, 2, 3, 4, 7, 16, 17, 50, 1000]:
+        lengths = {0, 1, 2, 3, 10, 99, 1000, 12345}
+        for r in range(0, 40):
+            b = beta(c, r)
+            if b > 10**7:
+                break
+            lengths |= {b - 1, b, b + 1}
+        for length in sorted(lengths):
+            assert _repetition_number(length, c) == _slow_repetition_number(
+                length, c
+            ), (length, c)
+    # Huge lengths: the defining inequalities.
+    for c in [2, 3, 5, 9]:
+        for length in [10**9, 10**12 + 7, 2**63]:
+            r = _repetition_number(length, c)
+            assert beta(c, r) >= length > beta(c, r - 1)
+
+
+def test_revolve_split_int():
+    for length in [*range(2, 80), 1000, 123_456_789, 2**31 - 1]:
+        for free_slots in [1, 2, 3, 6, 10, 10_000]:
+            assert revolve_split_int(length, free_slots) == int(
+                revolve_split(np.int32(length), np.int32(free_slots), np)
+            ), (length, free_slots)
+
+
+def _slots_after(slots, checkpoints):
+    pos = [-1] * checkpoints
+    for k, slot in enumerate(slots, start=1):
+        if slot >= 0:
+            pos[slot] = k
+    return tuple(sorted(p for p in pos if p >= 0))
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 4, 6, 9, 25])
+def test_online_positions_match_the_rule(checkpoints):
+    """The fast-forward of the online rule stores where `online_step` stores."""
+    online_positions.__globals__["_ONLINE"].clear()
+    num_steps = 2500
+    slots = forward_slots(checkpoints, num_steps)
+    # Growing n resumes from the cache; then from scratch for a shorter loop.
+    for n in [0, 1, 2, 5, 9, 10, 11, 26, 27, 60, 137, 500, 1001, 2500, 700]:
+        assert online_positions(n, checkpoints) == _slots_after(
+            slots[:n], checkpoints
+        ), (n, checkpoints)
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])
+def test_revolve_positions_match_the_table(checkpoints):
+    for n in [0, 1, 2, 3, 4, 10, 14, 77, 300, 1234]:
+        slots = revolve_forward_slots(n, checkpoints).tolist()
+        assert revolve_positions(n, checkpoints) == _slots_after(slots, checkpoints)
+
+
+@pytest.mark.parametrize("known_length", [False, True])
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 4, 5, 7, 11, 30])
+def test_counts_match_replay(checkpoints, known_length):
+    """`schedule`'s counts (closed forms) equal the counts of its exact replay."""
+    for n in [*range(0, 40), 64, 99, 100, 101, 257, 600]:
+        plan = schedule(n, checkpoints, known_length=known_length)
+        assert (plan.num_recomputed, plan.peak_slots_used) == replay_counts(plan), (
+            n,
+            checkpoints,
+        )
+    for n, max_steps in [(10, 10), (7, 12), (50, 20)]:
+        if checkpoints >= max_steps:
+            plan = schedule(n, checkpoints, max_steps=max_steps)
+            assert plan.stores_residuals
+            assert (plan.num_recomputed, plan.peak_slots_used) == replay_counts(plan)
+
+
+def test_counts_match_replay_long():
+    """Longer loops, and the rule's saturation: its costs are capped in int32, and
+    past about 525k steps with one slot (1.68M with two) it stores at every step,
+    which `online_positions` jumps over. Around those points the real rule is
+    stepped from the fast-forward's state and compared at every step."""
+    online_positions.__globals__["_ONLINE"].clear()
+    for n, c in [(3000, 2), (20_000, 40)]:
+        plan = schedule(n, c)
+        assert (plan.num_recomputed, plan.peak_slots_used) == replay_counts(plan)
+    for c, saturation in [(1, 524_859), (2, 1_681_847)]:
+        start = saturation - 600
+        pos = np.array(online_positions(start, c), dtype=np.int32)
+        state = OnlineState(pos)
+        for k in range(start + 1, saturation + 600):
+            _, state = online_step(state, np.int32(k), np)
+            got = online_positions(k, c)
+            assert got == tuple(sorted(state.slot_pos.tolist())), (c, k)
+        assert got[-1] == k  # Saturated: it stores at every step.
+
+
+# -- planning is bounded ------------------------------------------------------------------
+
+
+def test_planning_does_not_enumerate(monkeypatch):
+    """Counts, factors and suggestions never replay the rules step by step: with
+    the step-by-step code disabled, huge loops still get their counts, within a
+    memory bound, and match the closed forms."""
+    import tracemalloc
+
+    from loopax._schedule import online as online_module, replay as replay_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("planning enumerated the schedule")
+
+    for name in ("online_step", "forward_slots"):
+        monkeypatch.setattr(online_module, name, forbidden)
+    monkeypatch.setattr(replay_module, "forward_slots", forbidden)
+    monkeypatch.setattr(replay_module, "eager_reverse", forbidden)
+    tracemalloc.start()
+    try:
+        huge = 10**12
+        plan = schedule(huge, 1)
+        assert plan.num_recomputed == revolve_cost(huge, 1) - 0  # x_n stored, freed
+        offline = schedule(huge, 40, known_length=True)
+        assert offline.num_recomputed == revolve_cost(huge + 1, 40) - huge
+        assert offline.peak_slots_used == 40
+        assert schedule(huge, 10**13, max_steps=huge).recompute_factor == 1.0
+        c = loopax_suggest(huge, max_recompute_factor=2.0, known_length=True)
+        factor = lambda c: schedule(huge, c, known_length=True).recompute_factor
+        assert factor(c) <= 2.0 < factor(c - 1)
+        # The online rule with one slot, far past its saturation (cheap to count).
+        target = 1.01 * schedule(10**9, 1).recompute_factor
+        assert loopax_suggest(10**9, max_recompute_factor=target) == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak  # Not O(n): the replay held ~100 bytes per step.
+
+
+def test_schedule_is_pure():
+    """`_schedule/` imports nothing from the rest of loopax (issue 16)."""
+    import ast
+
+    import loopax._schedule
+
+    package = Path(loopax._schedule.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    modules = [node.module or ""]
+                elif node.level == 1:
+                    continue  # A sibling in `_schedule/`.
+                else:
+                    modules = ["loopax." + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] != "loopax", (path.name, module)

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._backends.checkpointed import checkpointed_while_loop, default_checkpoints
+from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
 from ._buffer import Buffer, buffer_at_set
-from ._schedule import checkpoints_for_budget, revolve_forward_slots
+from ._planning import checkpoints_for_budget
+from ._schedule import default_checkpoints, revolve_forward_slots
 from ._state import Loop
 from ._while_loop import buffer_names, check_loop_options
 

@@ -11,7 +11,8 @@ from ._backends.bounded import bounded_while_loop
 from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
 from ._custom_types import KINDS, Kind
-from ._schedule import checkpoints_for_budget, parse_memory_budget
+from ._planning import checkpoints_for_budget
+from ._schedule import parse_memory_budget
 from ._state import Loop
 
 

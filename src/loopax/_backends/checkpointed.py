@@ -22,7 +22,6 @@ transposed steps. The backward sweeps are built from the same primitive, so they
 can be differentiated again (`grad` of `grad`) in bounded memory.
 """
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._schedule import default_checkpoints
 from .._state import Loop
 from . import checkpointed_partial_eval  # noqa: F401  (registers reverse mode)
 from .checkpointed_loop import bind_loop
@@ -42,16 +42,6 @@ _NEEDS_CHECKPOINTS = (
     "`checkpoints=16`) or `max_steps=` (then `checkpoints` defaults to "
     "ceil(log2(max_steps + 1)))."
 )
-
-
-def default_checkpoints(max_steps: int) -> int:
-    """`checkpoints` when only `max_steps` is given: `max(1, ceil(log2(max_steps + 1)))`.
-
-    Logarithmic memory keeps the repetition number small: with c slots a loop of up to
-    C(c + r, c) steps is reversed with each step recomputed at most r times
-    (Griewank & Walther 2000), and C(c + r, c) >= 2**c - 1 for r >= c.
-    """
-    return max(1, math.ceil(math.log2(max_steps + 1)))
 
 
 def checkpointed_while_loop(

@@ -21,8 +21,8 @@ from jaxtyping import Array
 
 from .._jax_internals import zeros
 from .._schedule import (
+    eager_reverse,
     plain_advances,
-    reverse_done,
     reverse_init,
     reverse_step,
 )
@@ -345,15 +345,13 @@ class _TableController:
         for k, slot in enumerate(forward_slots, start=1):
             if slot >= 0:
                 slot_pos[slot] = k
-        self.first_restore, state = reverse_init(
-            slot_pos, np.int32(len(forward_slots)), checkpoints, np
+        self.first_restore, _, segments = eager_reverse(
+            slot_pos, len(forward_slots), checkpoints
         )
         runs, store_slot, last_row, restore_after = [], [], [], []
-        while not reverse_done(state, np):
-            count = plain_advances(state)
-            state = state._replace(cur=np.int32(state.cur + count))
-            action, state = reverse_step(state, np)
-            runs.append(count + (not action.is_vjp))
+        for segment in segments:
+            action = segment.action
+            runs.append(segment.advances + (not action.is_vjp))
             store_slot.append(int(action.store_slot))
             if action.is_vjp:
                 last_row.append(len(runs) - 1)

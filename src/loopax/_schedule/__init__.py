@@ -1,10 +1,22 @@
 """Pure checkpointing policy: the online rule of the forward sweep, the offline
-(revolve) rule of the backward sweep, and `schedule`, which replays both."""
+(revolve) rule of the backward sweep, `schedule`, which counts and replays both, and
+the planning arithmetic (budgets in bytes, default counts, the bounded kind's nesting).
 
+Nothing here imports the rest of loopax (a test checks): pytrees and buffers are the
+front ends' business (`loopax._planning` measures carries)."""
+
+from .bounded import bounded_plan as bounded_plan
 from .budget import (
-    carry_bytes as carry_bytes,
-    checkpoints_for_budget as checkpoints_for_budget,
+    checkpoints_for_bytes as checkpoints_for_bytes,
+    default_checkpoints as default_checkpoints,
+    format_bytes as format_bytes,
     parse_memory_budget as parse_memory_budget,
+)
+from .counts import (
+    Counts as Counts,
+    online_positions as online_positions,
+    revolve_positions as revolve_positions,
+    schedule_counts as schedule_counts,
 )
 from .offline import (
     beta as beta,
@@ -22,6 +34,8 @@ from .replay import Schedule as Schedule, schedule as schedule
 from .reverse import (
     ReverseAction as ReverseAction,
     ReverseState as ReverseState,
+    Segment as Segment,
+    eager_reverse as eager_reverse,
     plain_advances as plain_advances,
     reverse_done as reverse_done,
     reverse_init as reverse_init,

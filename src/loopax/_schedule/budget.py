@@ -1,23 +1,13 @@
-"""Memory budgets: how many checkpoints of a carry fit in a number of bytes.
+"""Memory budgets: how many checkpoints of a given size fit in a number of bytes.
 
-A checkpoint holds one copy of the loop's carry without its buffers (buffers are never
-stored; see `loopax.Buffer`). Its size is read from the shapes and dtypes of the
-carry's leaves, so it works on concrete arrays, on tracers at trace time and on
-`jax.ShapeDtypeStruct`s alike.
+A checkpoint holds one copy of the loop's carry without its buffers. Measuring the
+carry is the front end's job (`loopax._planning.carry_bytes`); here everything is a
+number of bytes.
 """
 
-import math
 import operator
 import re
-from collections.abc import Callable
 from typing import Any, SupportsIndex
-
-import jax.numpy as jnp
-import jax.tree_util as jtu
-import numpy as np
-
-from .._buffer import Buffer
-from .._state import _select_buffer_leaves
 
 
 _UNITS = {
@@ -83,40 +73,14 @@ def format_bytes(num_bytes: int) -> str:
     return f"{value:.3g} TiB"
 
 
-def _leaf_bytes(leaf: Any) -> int:
-    while isinstance(leaf, Buffer):
-        leaf = leaf._array
-    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-        leaf = jnp.asarray(leaf)
-    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+def default_checkpoints(max_steps: int) -> int:
+    """`checkpoints` when only `max_steps` is given: `max(1, ceil(log2(max_steps + 1)))`.
 
-
-def carry_bytes(carry: Any, buffers: Callable[[Any], Any] | None = None) -> int:
-    """The bytes of one checkpoint of `carry`: its array leaves, minus those that
-    `buffers(carry)` selects.
-
-    **Arguments:**
-
-    - `carry`: a pytree of arrays, array-likes, tracers or `jax.ShapeDtypeStruct`s.
-    - `buffers`: as for `loopax.while_loop`: a function from the carry to its
-        write-once arrays, or `None`.
-
-    **Returns:**
-
-    An int: the sum over the non-buffer leaves of `size * itemsize`.
+    Logarithmic memory keeps the repetition number small: with c slots a loop of up to
+    C(c + r, c) steps is reversed with each step recomputed at most r times
+    (Griewank & Walther 2000), and C(c + r, c) >= 2**c - 1 for r >= c.
     """
-    if buffers is not None and not callable(buffers):
-        raise TypeError(
-            "`buffers` must be None or a function from the carry to some of its "
-            f"arrays, got {buffers!r}. Pass e.g. `buffers=lambda carry: carry[1]`."
-        )
-    leaves, treedef = jtu.tree_flatten(carry, is_leaf=lambda x: isinstance(x, Buffer))
-    selected = (
-        set()
-        if buffers is None
-        else _select_buffer_leaves(buffers, treedef, len(leaves))
-    )
-    return sum(_leaf_bytes(x) for i, x in enumerate(leaves) if i not in selected)
+    return max(1, (max_steps).bit_length())
 
 
 # The checkpointing controllers' working memory per slot, besides the stored carry:
@@ -133,58 +97,13 @@ CONTROLLER_BYTES_PER_SLOT = 1024
 MAX_AUTO_CHECKPOINTS = 4096
 
 
-def checkpoints_for_budget(
-    init_val: Any,
-    memory_budget: int | str,
-    *,
-    buffers: Callable[[Any], Any] | None = None,
-    max_steps: int | None = None,
+def checkpoints_for_bytes(
+    checkpoint_bytes: int, memory_budget: int | str, *, max_steps: int | None = None
 ) -> int:
-    """The number of checkpoints `checkpoints="auto"` chooses for a memory budget.
-
-    `loopax.while_loop(..., checkpoints="auto", memory_budget=...)` (and
-    `loopax.scan`, `loopax.fori_loop`) call exactly this at trace time. With
-    `max_steps`, if `max_steps` copies of the carry (buffers excluded) fit in
-    `memory_budget` bytes, it is `max_steps`: the loop takes the store-all path (no
-    recomputation, no controller). Otherwise it is the largest `c` such that `c`
-    checkpoints fit, each counted as one copy of the carry plus the checkpointing
-    controllers' working memory per slot (`CONTROLLER_BYTES_PER_SLOT` = 1024 bytes:
-    the step held by each slot, the slot order, the online rule's temporaries), and
-    at most `MAX_AUTO_CHECKPOINTS` = 4096 (the online rule's work per store grows with
-    `c`, and more slots than that barely reduce recomputation). More checkpoints
-    never cost more recomputation, so within these bounds this is the fastest
-    gradient the budget allows.
-
-    **Arguments:**
-
-    - `init_val`: the initial carry (arrays, tracers or `jax.ShapeDtypeStruct`s);
-        only shapes and dtypes are read.
-    - `memory_budget`: bytes for the checkpoints: an int, or a string such as
-        `"2GiB"`, `"512MB"` or `"1.5 GB"` (`KB`, `MB`, `GB`, `TB` are powers of 1000;
-        `KiB`, `MiB`, `GiB`, `TiB` powers of 1024).
-    - `buffers`: as for [`loopax.while_loop`][]: the carry's write-once arrays, which
-        are never stored in checkpoints and so do not count.
-    - `max_steps`: the loop's bound on the number of steps, or `None`.
-
-    **Returns:**
-
-    A positive int: `max(max_steps, 1)` if that many carries fit, else
-    `min(memory_budget // (carry_bytes + 1024), 4096)`.
-
-    **Raises:**
-
-    `ValueError` if even one checkpoint does not fit, or if the carry has no bytes to
-    store (everything is a buffer) and there is no `max_steps` to cap the count.
-
-    !!! warning
-
-        The budget counts the checkpoints and the controllers' working memory: not
-        the buffers, not the working memory of the body or its VJP (the current
-        state, its cotangent, the body's residuals: a few carries). On the store-all
-        path (`c == max_steps`) each step's VJP residuals are stored instead of the
-        carries (like `lax.scan`); they may be larger than the carry. Under `vmap`
-        the carry is measured per batch element, so a batch of `B` needs `B` times
-        the budget.
+    """`loopax.checkpoints_for_budget` on numbers: the checkpoints of
+    `checkpoint_bytes` bytes each (one carry, buffers excluded; the front end
+    measures it) that `checkpoints="auto"` chooses for `memory_budget`. See
+    `loopax.checkpoints_for_budget` for the rule.
     """
     budget = parse_memory_budget(memory_budget)
     if max_steps is not None:
@@ -197,7 +116,7 @@ def checkpoints_for_budget(
             raise ValueError(
                 f"`max_steps` must be a non-negative integer or None, got {max_steps}."
             )
-    per_checkpoint = carry_bytes(init_val, buffers)
+    per_checkpoint = checkpoint_bytes
     if per_checkpoint == 0:
         if max_steps is None:
             raise ValueError(

@@ -60,9 +60,24 @@ def beta(c: int, r: int) -> int:
 
 
 def _repetition_number(length: int, c: int) -> int:
-    """The smallest `r >= 0` with `beta(c, r) >= length` (Python ints)."""
-    r = 0
-    b = 1  # beta(c, r)
+    r"""The smallest `r >= 0` with `beta(c, r) >= length` (Python ints, `c >= 1`).
+
+    Starts from a lower bound and counts up, so it takes a few steps whatever
+    `length` is: $\beta(c, r) = \prod_{i=1}^{c} (r + i) / c!$, and the arithmetic mean
+    $r + (c + 1) / 2$ of the factors is at least their geometric mean
+    $g = (\beta\, c!)^{1/c}$, so $r \geq g - (c + 1) / 2$ at $\beta = $ `length`.
+    The gap is below $(c^2 - 1) / (24 (r + 1)) + 1$ (see `repetition_number`), and
+    for large `c` the answer is small anyway.
+    """
+    if length <= 1:
+        return 0
+    if c == 1:
+        return length - 1
+    log_g = (math.log(length) + math.lgamma(c + 1)) / c
+    r = max(0, math.floor(math.exp(log_g) - (c + 1) / 2) - 2) if log_g < 700 else 0
+    while beta(c, r) >= length and r > 0:  # Guards the float estimate.
+        r -= 1
+    b = beta(c, r)
     while b < length:
         r += 1
         b = b * (c + r) // r
@@ -110,6 +125,16 @@ def revolve_cost(length: int, free_slots: int) -> int:
     c = free_slots + 1
     r = _repetition_number(length, c)
     return r * length - beta(c + 1, r - 1)
+
+
+def revolve_split_int(length: int, free_slots: int) -> int:
+    """`revolve_split` on Python ints, for `length >= 2`, `free_slots >= 1`: the
+    same offset (the tests compare them), with exact integers instead of int32
+    arrays, so it also works past `2**31` and costs a few integer operations."""
+    c = free_slots + 1
+    r = _repetition_number(length, c)
+    lo = max(beta(c, r - 2), length - beta(free_slots, r))
+    return min(max(lo, 1), length - 1)
 
 
 #

@@ -40,7 +40,7 @@ def trace(plan: "Schedule") -> _Trace:
         step, since = live.pop(slot)
         held.append((step, slot, since, when))
 
-    for kind, step, slot in plan.actions:
+    for kind, step, slot in plan.iter_actions():
         if kind == "forward":
             forwards += 1
             phase = "forward" if forwards <= plan.num_forward else "recompute"
@@ -117,11 +117,15 @@ def render(plan: "Schedule", timeline: bool | None = None, width: int = 88) -> s
         f"  {label:<17}{value:>{value_width}}  {unit}" for label, value, unit in rows
     ]
     if timeline is None:
-        timeline = 0 < len(plan.actions) <= MAX_TIMELINE_ACTIONS
+        # Every body evaluation is an action: a long schedule is not enumerated.
+        timeline = (
+            0 < plan.total_evaluations <= MAX_TIMELINE_ACTIONS
+            and len(plan.actions) <= MAX_TIMELINE_ACTIONS
+        )
     if not timeline:
         lines.append(
-            f"  (timeline of {len(plan.actions)} actions left out: see `.actions` or "
-            "`.plot()`)"
+            f"  (timeline of {plan.total_evaluations} body evaluations left out: see "
+            "`.iter_actions()` or `.plot()`)"
         )
         return "\n".join(lines)
     lines.append(
@@ -131,7 +135,7 @@ def render(plan: "Schedule", timeline: bool | None = None, width: int = 88) -> s
         "  sK>J save x_K to slot J, xK<J restore x_K from slot J, | backward sweep"
     )
     tokens, forwards, started = [], 0, False
-    for kind, step, slot in plan.actions:
+    for kind, step, slot in plan.iter_actions():
         if kind == "forward":
             forwards += 1
         if not started and kind in ("restore", "vjp"):

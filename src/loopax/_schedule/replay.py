@@ -1,32 +1,34 @@
 """`loopax.schedule`: replay the checkpointing schedule of the compiled loop."""
 
 import dataclasses
-from collections.abc import Callable
+import functools as ft
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from . import picture
-from .budget import carry_bytes
+from .counts import schedule_counts
 from .offline import revolve_forward_slots
 from .online import forward_slots
-from .reverse import plain_advances, reverse_done, reverse_init, reverse_step
+from .reverse import eager_reverse
+
+
+Action = tuple[str, int, int]
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """The body evaluations a checkpointed loop performs, in order, and what they cost.
 
+    The counts are computed in closed form (see `counts.py`); the actions themselves
+    are replayed only when asked for (`actions`, `iter_actions`, `body_calls`, a
+    timeline, a plot), by running the very same controllers as the compiled loop.
+
     **Attributes:**
 
     - `num_steps`: the trip count `n` replayed (after clipping to `max_steps`).
     - `checkpoints`: the number of checkpoint slots.
-    - `actions`: a tuple of `(kind, step, slot)` triples, in execution order. `kind` is
-        one of `"forward"` (compute `x_{step+1}` from `x_step`, in the forward sweep and
-        when recomputing in the backward sweep; `slot` is -1), `"save"` (store `x_step`
-        into `slot`, right after the `"forward"` that produced it), `"restore"` (load
-        `x_step` from `slot`, or the initial value `x_0` when `slot` is -1) and `"vjp"`
-        (the VJP of step `step`, taken at `x_step`; `slot` is -1).
     - `num_forward`: body evaluations of the forward sweep, `n`.
     - `num_recomputed`: body evaluations spent recomputing states in the backward sweep.
     - `num_vjp`: VJPs of the body, `n`.
@@ -39,6 +41,14 @@ class Schedule:
     - `known_length`: True if the forward sweep used revolve's placement for a trip
         count known up front (`loopax.scan`), False for the online rule.
     - `max_steps`: the loop's bound on the number of steps, or `None`.
+    - `actions` (computed on first access, then kept): a tuple of `(kind, step, slot)`
+        triples, in execution order. `kind` is one of `"forward"` (compute
+        `x_{step+1}` from `x_step`, in the forward sweep and when recomputing in the
+        backward sweep; `slot` is -1), `"save"` (store `x_step` into `slot`, right
+        after the `"forward"` that produced it), `"restore"` (load `x_step` from
+        `slot`, or the initial value `x_0` when `slot` is -1) and `"vjp"` (the VJP of
+        step `step`, taken at `x_step`; `slot` is -1). There are more than
+        `total_evaluations` of them: for long loops prefer `iter_actions()`.
 
     `str(schedule)` (or `schedule.render()`) gives a readable summary and, for short
     loops, the timeline; `schedule.plot()` draws it.
@@ -46,7 +56,6 @@ class Schedule:
 
     num_steps: int
     checkpoints: int
-    actions: tuple[tuple[str, int, int], ...]
     num_forward: int
     num_recomputed: int
     num_vjp: int
@@ -68,28 +77,20 @@ class Schedule:
             return 1.0
         return self.total_evaluations / (2 * self.num_steps)
 
-    def peak_memory(
-        self, carry: Any, *, buffers: Callable[[Any], Any] | None = None
-    ) -> int:
-        """The bytes the checkpoints of this schedule take at their peak, for the
-        example `carry`: `peak_slots_used` times the bytes of the carry's array leaves.
+    def peak_bytes(self, checkpoint_bytes: int) -> int:
+        """`peak_slots_used` times `checkpoint_bytes`, the bytes of one checkpoint."""
+        return self.peak_slots_used * checkpoint_bytes
 
-        **Arguments:**
+    def iter_actions(self) -> Iterator[Action]:
+        """The actions (see `actions`) one at a time, generated as they are needed:
+        memory O(checkpoints) for the online rule, whatever the number of steps."""
+        return _replay(
+            self.num_steps, self.checkpoints, self.stores_residuals, self.known_length
+        )
 
-        - `carry`: an example carry: a pytree of arrays, array-likes or
-            `jax.ShapeDtypeStruct`s (only shapes and dtypes are read).
-        - `buffers`: as for [`loopax.while_loop`][]: a function from the carry to its
-            write-once arrays. Buffers are never stored in checkpoints, so they are
-            excluded.
-
-        **Returns:**
-
-        An int, in bytes. It counts the stored carries only: not the buffers (kept
-        once whatever the schedule), not the loop's 4-byte step counter per slot, not
-        the body's own working memory. On the store-all path (`stores_residuals`)
-        the slots hold each step's VJP residuals, which may be larger than the carry.
-        """
-        return self.peak_slots_used * carry_bytes(carry, buffers)
+    @ft.cached_property
+    def actions(self) -> tuple[Action, ...]:
+        return tuple(self.iter_actions())
 
     def render(self, *, timeline: bool | None = None) -> str:
         """A readable summary: evaluations (forward / recomputed / VJP / total), the
@@ -128,7 +129,7 @@ class Schedule:
         """The step index of every call of the body function, in order: what a
         `jax.debug.callback` in the body records during one gradient."""
         kinds = ("forward",) if self.stores_residuals else ("forward", "vjp")
-        return tuple(step for kind, step, _ in self.actions if kind in kinds)
+        return tuple(step for kind, step, _ in self.iter_actions() if kind in kinds)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -148,15 +149,18 @@ def schedule(
     max_steps: int | None = None,
     known_length: bool = False,
 ) -> Schedule:
-    """Replay the checkpointing schedule of a checkpointed loop of `num_steps` steps.
+    """The checkpointing schedule of a checkpointed loop of `num_steps` steps.
 
-    Runs the very same online (forward sweep) and backward-sweep controllers as the
-    compiled loop, eagerly with NumPy, and records every body evaluation. (The forward
-    decisions are cached per `checkpoints` and priced in batches, and runs of plain
-    advances in the backward sweep are emitted at once; see `forward_slots` and
-    `plain_advances`.) Use it to see
-    what reverse mode through `loopax.while_loop(..., kind="checkpointed",
-    checkpoints=...)` will cost.
+    Use it to see what reverse mode through `loopax.while_loop(...,
+    kind="checkpointed", checkpoints=...)` will cost before paying for it. The counts
+    (recomputations, peak slots, recompute factor) are computed without enumerating
+    the steps: the backward sweep's cost is a sum of closed forms over the stretches
+    between the states the forward sweep leaves in the slots, and those are found by
+    jumping from one store to the next (see `counts.py`). Memory is O(`checkpoints`);
+    time is O(`checkpoints`) for `known_length` and, for the online rule, grows with
+    the number of times it stores (measured in `benchmarks/RESULTS.md`). The actions
+    themselves are replayed from the very same controllers as the compiled loop, only
+    when asked for (`Schedule.actions`, `iter_actions`, a timeline or a plot).
 
     **Arguments:**
 
@@ -186,57 +190,82 @@ def schedule(
     if not isinstance(known_length, bool):
         raise TypeError(f"`known_length` must be a bool, got {known_length!r}.")
     store_all = max_steps is not None and checkpoints >= max_steps
-
-    actions: list[tuple[str, int, int]] = []
-    used = peak = 0
-    # Forward sweep.
-    if store_all:
-        slots = tuple(range(num_steps))
-    elif known_length:
-        slots = revolve_forward_slots(num_steps, checkpoints).tolist()
-    else:
-        slots = forward_slots(checkpoints, num_steps)
-    slot_pos = np.full((checkpoints,), -1, dtype=np.int32)
-    for k, slot in enumerate(slots, start=1):
-        actions.append(("forward", k - 1, -1))
-        if slot >= 0:
-            actions.append(("save", k, slot))
-            used += slot_pos[slot] < 0
-            peak = max(peak, used)
-            slot_pos[slot] = k
-    # Backward sweep.
-    restore_slot, rstate = reverse_init(slot_pos, np.int32(num_steps), checkpoints, np)
-    num_recomputed = 0
-    if num_steps > 0:
-        actions.append(("restore", int(rstate.cur), int(restore_slot)))
-    while not reverse_done(rstate, np):
-        skip = plain_advances(rstate)
-        if skip:
-            cur = int(rstate.cur)
-            actions.extend(("forward", k, -1) for k in range(cur, cur + skip))
-            num_recomputed += skip
-            rstate = rstate._replace(cur=np.int32(cur + skip))
-        action, rstate = reverse_step(rstate, np)
-        step = int(action.step)
-        if action.is_vjp:
-            actions.append(("vjp", step, -1))
-            if step > 0:
-                actions.append(("restore", int(rstate.cur), int(action.restore_slot)))
-        else:
-            num_recomputed += 1
-            actions.append(("forward", step, -1))
-            if action.store_slot >= 0:
-                actions.append(("save", step + 1, int(action.store_slot)))
-                peak = max(peak, int(np.sum(rstate.slot_pos >= 0)))
+    counts = schedule_counts(
+        num_steps, checkpoints, known_length=known_length, store_all=store_all
+    )
     return Schedule(
         num_steps=num_steps,
         checkpoints=checkpoints,
-        actions=tuple(actions),
         num_forward=num_steps,
-        num_recomputed=num_recomputed,
+        num_recomputed=counts.num_recomputed,
         num_vjp=num_steps,
-        peak_slots_used=peak,
+        peak_slots_used=counts.peak_slots_used,
         stores_residuals=store_all,
         known_length=known_length,
         max_steps=max_steps,
     )
+
+
+def _forward_slots(
+    num_steps: int, checkpoints: int, store_all: bool, known_length: bool
+) -> Iterator[int]:
+    """The slot the forward sweep stores each `x_k` into (or -1), `k = 1 .. n`."""
+    if store_all:
+        return iter(range(num_steps))
+    if known_length:
+        return iter(revolve_forward_slots(num_steps, checkpoints).tolist())
+    return iter(forward_slots(checkpoints, num_steps))
+
+
+def _replay(
+    num_steps: int, checkpoints: int, store_all: bool, known_length: bool
+) -> Iterator[Action]:
+    """Every action of both sweeps, in order: the forward rule's decisions and the
+    backward controller (`eager_reverse`), exactly as the compiled loop runs them."""
+    slot_pos = np.full((checkpoints,), -1, dtype=np.int32)
+    slots = _forward_slots(num_steps, checkpoints, store_all, known_length)
+    for k, slot in enumerate(slots, start=1):
+        yield ("forward", k - 1, -1)
+        if slot >= 0:
+            yield ("save", k, slot)
+            slot_pos[slot] = k
+    restore_slot, cur, segments = eager_reverse(slot_pos, num_steps, checkpoints)
+    if num_steps > 0:
+        yield ("restore", cur, restore_slot)
+    for segment in segments:
+        yield from (
+            ("forward", k, -1)
+            for k in range(segment.start, segment.start + segment.advances)
+        )
+        action = segment.action
+        step = int(action.step)
+        if action.is_vjp:
+            yield ("vjp", step, -1)
+            if step > 0:
+                yield ("restore", segment.cur, int(action.restore_slot))
+        else:
+            yield ("forward", step, -1)
+            if action.store_slot >= 0:
+                yield ("save", step + 1, int(action.store_slot))
+
+
+def replay_counts(schedule: Schedule) -> tuple[int, int]:
+    """`(num_recomputed, peak_slots_used)` counted on the replayed actions: the
+    reference the closed forms of `counts.py` are tested against."""
+    used: set[int] = set()
+    live: dict[int, int] = {}
+    forwards = peak = 0
+    backward = False
+    for kind, step, slot in schedule.iter_actions():
+        if kind == "forward":
+            forwards += 1
+        elif kind == "save":
+            used.add(slot)
+            live[slot] = step
+            peak = max(peak, len(live) if backward else len(used))
+        elif kind == "restore" and not backward:
+            backward = True
+            live = {s: k for s, k in live.items() if k < schedule.num_steps}
+        elif kind == "vjp":
+            live = {s: k for s, k in live.items() if k < step}
+    return forwards - schedule.num_steps, peak

@@ -13,6 +13,7 @@ same code runs eagerly in `loopax.schedule(...)` and traced in the compiled back
 loop.
 """
 
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -219,3 +220,51 @@ def reverse_done(state: ReverseState, xp: Any) -> Any:
     A bool scalar.
     """
     return xp.asarray(state.end <= 0)
+
+
+class Segment(NamedTuple):
+    """One stretch of the backward sweep, as `eager_reverse` yields it: `advances`
+    plain advances from `x_start` (no store, no VJP), then `action` (an advance that
+    may store, or a VJP and its restore), after which the current state is
+    `x_cur`. The fields of `action` are NumPy scalars."""
+
+    start: int
+    advances: int
+    action: ReverseAction
+    cur: int
+
+
+def eager_reverse(
+    slot_pos: Any, num_steps: int, checkpoints: int
+) -> tuple[int, int, Iterator[Segment]]:
+    """Run the backward controller eagerly (NumPy): the one driver behind
+    `loopax.schedule`'s replay and the trace-time tables of a loop of known length.
+
+    Runs of plain advances are taken at once (`plain_advances`), every other action
+    comes from `reverse_step`, exactly as the compiled backward sweep runs them.
+
+    **Arguments:**
+
+    - `slot_pos`: the step held by each slot after the forward sweep (-1: empty).
+    - `num_steps`: the trip count `n`.
+    - `checkpoints`: the number of slots.
+
+    **Returns:**
+
+    `(restore_slot, cur, segments)`: the slot of the first state to restore (-1:
+    `x_0`), its step, and a lazy iterator of `Segment`s, the last one the VJP of
+    step 0 (none for `n = 0`).
+    """
+    restore_slot, state = reverse_init(
+        np.asarray(slot_pos, dtype=np.int32), np.int32(num_steps), checkpoints, np
+    )
+
+    def segments(state):
+        while not reverse_done(state, np):
+            start = int(state.cur)
+            count = plain_advances(state)
+            state = state._replace(cur=np.int32(start + count))
+            action, state = reverse_step(state, np)
+            yield Segment(start, count, action, int(state.cur))
+
+    return int(restore_slot), int(state.cur), segments(state)

@@ -1,15 +1,25 @@
-"""`loopax.suggest_checkpoints`: pick `checkpoints` from a recompute target or a budget."""
+"""`loopax.suggest_checkpoints`: pick `checkpoints` from a recompute target or a budget
+(in bytes: the front end, `loopax._planning`, measures the carry)."""
 
 import numbers
-from collections.abc import Callable
-from typing import Any
 
-from .budget import carry_bytes, checkpoints_for_budget, format_bytes
-from .replay import _check_int, schedule
+from .budget import checkpoints_for_bytes, format_bytes
+from .counts import schedule_counts
+from .offline import revolve_cost
+from .replay import _check_int
 
 
 def _recompute_factor(num_steps: int, checkpoints: int, known_length: bool) -> float:
-    return schedule(num_steps, checkpoints, known_length=known_length).recompute_factor
+    if num_steps == 0:
+        return 1.0
+    if known_length:  # t(n + 1, c + 1) - n, closed form.
+        recomputed = revolve_cost(num_steps + 1, checkpoints) - num_steps
+    else:
+        counts = schedule_counts(
+            num_steps, checkpoints, known_length=False, store_all=False
+        )
+        recomputed = counts.num_recomputed
+    return (2 * num_steps + recomputed) / (2 * num_steps)
 
 
 def suggest_checkpoints(
@@ -17,8 +27,7 @@ def suggest_checkpoints(
     *,
     max_recompute_factor: float | None = None,
     memory_budget: int | str | None = None,
-    carry: Any = None,
-    buffers: Callable[[Any], Any] | None = None,
+    checkpoint_bytes: int | None = None,
     known_length: bool = False,
 ) -> int:
     """Suggest `checkpoints` for a loop of `num_steps` steps.
@@ -28,9 +37,11 @@ def suggest_checkpoints(
 
     - with `max_recompute_factor`: the *smallest* `c` whose gradient evaluates the
         body at most `max_recompute_factor * 2 * num_steps` times
-        ([`loopax.Schedule.recompute_factor`][]), found by bisection over the exact
-        replay [`loopax.schedule`][] (doubling `c` from 1, then bisecting: the
-        factor does not increase with `c`, which the tests check over a grid);
+        ([`loopax.Schedule.recompute_factor`][]), found by bisection over the counts
+        of [`loopax.schedule`][] (doubling `c`, then bisecting: the factor does not
+        increase with `c`, which the tests check over a grid). The search starts at
+        the smallest `c` that meets the target with the offline optimum (closed
+        form), which no placement beats;
     - with `memory_budget` and `carry`: the *largest* `c` whose checkpoints fit, as
         [`loopax.checkpoints_for_budget`][], but at most `max(num_steps - 1, 1)`,
         which already recomputes nothing;
@@ -43,11 +54,9 @@ def suggest_checkpoints(
     - `max_recompute_factor`: the largest acceptable total body evaluations divided by
         `2 * num_steps`, a number >= 1 (1: no recomputation at all).
     - `memory_budget`: bytes for the checkpoints, an int or a string like `"2GiB"`;
-        needs `carry`.
-    - `carry`: an example carry (arrays or `jax.ShapeDtypeStruct`s) to size the
-        checkpoints with; only with `memory_budget`.
-    - `buffers`: the carry's write-once arrays, as for [`loopax.while_loop`][]; they
-        are not stored in checkpoints.
+        needs `checkpoint_bytes`.
+    - `checkpoint_bytes`: the bytes of one checkpoint (the front end measures the
+        carry); only with `memory_budget`.
     - `known_length`: as for [`loopax.schedule`][]: True for `loopax.scan` and
         `loopax.fori_loop` with static bounds (revolve placement), False (default)
         for `loopax.while_loop`.
@@ -64,21 +73,17 @@ def suggest_checkpoints(
             "`suggest_checkpoints` needs a target: pass `max_recompute_factor=` "
             "(e.g. 2.0), or `memory_budget=` with `carry=`, or both."
         )
-    if memory_budget is not None and carry is None:
-        raise ValueError(
-            "`memory_budget` needs `carry=`: an example carry (arrays or "
-            "`jax.ShapeDtypeStruct`s) to measure one checkpoint with."
-        )
-    if memory_budget is None and (carry is not None or buffers is not None):
-        raise ValueError(
-            "`carry` and `buffers` are only used with `memory_budget`: pass "
-            "`memory_budget=` too, or drop them."
+    if (memory_budget is None) != (checkpoint_bytes is None):
+        raise AssertionError(
+            "loopax internal error: `memory_budget` and `checkpoint_bytes` go "
+            "together; please report a bug."
         )
     most_useful = max(num_steps - 1, 1)  # Recomputes nothing.
     largest = most_useful
     if memory_budget is not None:
-        largest = checkpoints_for_budget(
-            carry, memory_budget, buffers=buffers, max_steps=most_useful
+        assert checkpoint_bytes is not None
+        largest = checkpoints_for_bytes(
+            checkpoint_bytes, memory_budget, max_steps=most_useful
         )
     if max_recompute_factor is None:
         return largest
@@ -96,12 +101,25 @@ def suggest_checkpoints(
             "VJP), which is a factor of 1."
         )
     # Smallest c in [1, most_useful] with factor(c) <= target; factor(most_useful) is
-    # 1, so one exists. Gallop up from 1 (small counts replay fastest), then bisect.
-    lo, hi = 1, 1
-    while hi < most_useful and (
-        _recompute_factor(num_steps, hi, known_length) > max_recompute_factor
-    ):
-        lo, hi = hi + 1, min(2 * hi, most_useful)
+    # 1, so one exists. The offline optimum (closed form, non-increasing in c) gives
+    # a lower bound by bisection; then gallop up from it and bisect.
+    lo, hi = 1, most_useful
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _recompute_factor(num_steps, mid, True) <= max_recompute_factor:
+            hi = mid
+        else:
+            lo = mid + 1
+    if known_length:
+        hi = lo
+    else:
+        step = 1
+        hi = lo
+        while hi < most_useful and (
+            _recompute_factor(num_steps, hi, known_length) > max_recompute_factor
+        ):
+            lo, hi = hi + 1, min(hi + step, most_useful)
+            step *= 2
     while lo < hi:
         mid = (lo + hi) // 2
         if _recompute_factor(num_steps, mid, known_length) <= max_recompute_factor:
@@ -110,8 +128,8 @@ def suggest_checkpoints(
             lo = mid + 1
     smallest = lo
     if smallest > largest:
-        assert carry is not None
-        per_checkpoint = carry_bytes(carry, buffers)
+        assert checkpoint_bytes is not None
+        per_checkpoint = checkpoint_bytes
         raise ValueError(
             f"`max_recompute_factor={max_recompute_factor}` and `memory_budget="
             f"{memory_budget!r}` contradict each other: {num_steps} steps need at "
