@@ -65,8 +65,7 @@ def schedule_counts(
     if store_all:
         return Counts(0, num_steps)
     if known_length:
-        points = revolve_positions(num_steps, checkpoints)
-        forward_peak = len(points)
+        return _known_length_counts(num_steps, checkpoints)
     else:
         points = online_positions(num_steps, checkpoints)
         forward_peak = min(num_steps, checkpoints)
@@ -86,6 +85,27 @@ def schedule_counts(
         if free > 0 and length >= 2:
             peak = max(peak, i + min(free, length - 1))
     return Counts(recomputed, peak)
+
+
+def _known_length_counts(num_steps: int, checkpoints: int) -> Counts:
+    """Revolve's placement: `t(n + 1, c + 1) - n` recomputations (Griewank and
+    Walther's closed form; see `revolve_forward_slots`), and the peak from the
+    stretches, splitting only until some stretch fills every slot."""
+    if num_steps == 0:
+        return Counts(0, 0)
+    recomputed = revolve_cost(num_steps + 1, checkpoints) - num_steps
+    peak = start = stored = 0
+    while stored < checkpoints and peak < checkpoints:
+        split = revolve_split_int(num_steps + 1 - start, checkpoints - stored)
+        end = min(start + split, num_steps)
+        # Stretch [start, end) is reversed with `checkpoints - stored` free slots.
+        peak = max(peak, stored + min(checkpoints - stored, end - start - 1))
+        if start + split >= num_steps:
+            return Counts(recomputed, max(peak, stored))
+        start = end
+        stored += 1
+        peak = max(peak, stored)
+    return Counts(recomputed, checkpoints if peak >= checkpoints else peak)
 
 
 def revolve_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
@@ -183,14 +203,17 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
     def t(length):  # the last stretch with one free slot
         return _rule_cost(length, 1, cap)
 
+    # The first length at which `t` reports the cap (`r * length` is increasing).
+    lo, hi = 1, 2
+    while t(hi) < cap:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if t(mid) == cap else (mid, hi)
+    t_cap = hi
+
     def t_capped_from(offset):  # the first L >= 1 with t(L + offset) == cap
-        lo, hi = 0, 1
-        while t(hi + offset) < cap:
-            lo, hi = hi, 2 * hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if t(mid + offset) == cap else (mid, hi)
-        return hi
+        return max(1, t_cap - offset)
 
     # The last L for which Q(L + 1) = (L + 1) L / 2 is below the cap.
     top = (math.isqrt(8 * cap + 1) - 1) // 2
@@ -253,14 +276,14 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
         prices = [x + t(first) for x in inner] + [last + t(first + gap)]
         i = prices.index(min(prices)) + 1  # The rule takes the first cheapest.
         signature = (first, i, keep, last, t(1 + gap), inner)
-        if signature == previous[0] and _unit_step(previous[1], lengths) is not None:
+        grown = _unit_step(previous[1], lengths)
+        if signature == previous[0] and grown is not None:
             # Saturated: this store is priced exactly as the previous one, and the
             # stretches differ from the previous ones by one step in one stretch,
             # whose costs (all at the cap: they are non-decreasing, and would
             # otherwise have grown) do not change. Each store repeats the same
             # move, one step later, up to step `num_steps`.
-            j = _unit_step(previous[1], lengths)
-            lengths[j] += num_steps - b[c]
+            lengths[grown] += num_steps - b[c]
             return [0, *itertools.accumulate(lengths)], False
         previous = (signature if first == 1 else None, lengths)
         b = b[:i] + b[i + 1 :] + [k]

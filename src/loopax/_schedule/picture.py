@@ -40,7 +40,7 @@ def trace(plan: "Schedule") -> _Trace:
         step, since = live.pop(slot)
         held.append((step, slot, since, when))
 
-    for kind, step, slot in plan.iter_actions():
+    for kind, step, slot in plan.actions:
         if kind == "forward":
             forwards += 1
             phase = "forward" if forwards <= plan.num_forward else "recompute"
