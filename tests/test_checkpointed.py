@@ -24,7 +24,7 @@ from helpers import (
 )
 
 import loopax
-from loopax._schedule import schedule
+import loopax._schedule.online  # test hook: the length of the trace-time table
 
 
 W = jnp.array([[0.9, 0.2], [-0.3, 0.8]])
@@ -455,7 +455,7 @@ def test_mixed_dtypes_match_lax(checkpoints, max_steps, jit):
 @pytest.mark.parametrize("checkpoints, max_steps", CASES)
 def test_replay_matches_compiled_grad(checkpoints, max_steps):
     for n in NUM_STEPS:
-        plan = schedule(n, checkpoints, max_steps=max_steps)
+        plan = loopax.schedule(n, checkpoints, max_steps=max_steps)
         _, calls = _recorded_grad(checkpoints, max_steps, n)
         assert tuple(calls) == plan.body_calls, (n, checkpoints, max_steps)
         if plan.stores_residuals:
@@ -469,7 +469,7 @@ def test_replay_matches_compiled_grad(checkpoints, max_steps):
 )
 def test_store_all_runs_body_once_per_step(checkpoints, max_steps):
     for n in NUM_STEPS:
-        plan = schedule(n, checkpoints, max_steps=max_steps)
+        plan = loopax.schedule(n, checkpoints, max_steps=max_steps)
         assert plan.num_recomputed == 0
         _, calls = _recorded_grad(checkpoints, max_steps, n)
         assert calls == list(range(plan.num_steps))
@@ -493,9 +493,7 @@ def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_ste
     """The forward sweep looks the online rule's first decisions up in a table and
     runs the rule itself past it: shrink the table to 4 steps, and the body-call order
     still equals the replay (which never uses the table) and the gradient is right."""
-    from loopax._backends import checkpointed_sweeps
-
-    monkeypatch.setattr(checkpointed_sweeps, "_ONLINE_TABLE_STEPS", 4)
+    monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_STEPS", 4)
     grad = jax.jit(
         jax.grad(
             ft.partial(
@@ -511,6 +509,6 @@ def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_ste
         _calls.clear()
         got = jax.block_until_ready(grad(X0, _int(n)))
         jax.effects_barrier()
-        plan = schedule(n, checkpoints, max_steps=max_steps)
+        plan = loopax.schedule(n, checkpoints, max_steps=max_steps)
         assert tuple(_calls) == plan.body_calls, (n, checkpoints, max_steps)
         assert_tree_allclose(got, _ref_grad(bound)(X0, _int(n)), atol=1e-5)

@@ -111,3 +111,43 @@ def test_the_scan_detects_internal_uses(tmp_path):
         assert len(_violations(offender)) == 6
     finally:
         SRC = saved
+
+
+# -- tests and benchmarks speak loopax's public API ---------------------------------
+
+REPO = SRC.parents[1]
+# The one documented module for test hooks: the pure checkpointing policy, whose
+# internals (revolve costs, the online rule, the table length) tests check directly.
+# `loopax.__main__` is the command line, public through `python -m loopax`.
+ALLOWED_PRIVATE = ("loopax._schedule", "loopax.__main__")
+
+
+def _private_loopax_imports(path: pathlib.Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append((node.lineno, node.module))
+            if node.module == "loopax":
+                names += [(node.lineno, f"loopax.{a.name}") for a in node.names]
+    return [
+        f"{path.relative_to(REPO)}:{line}: {name}"
+        for line, name in names
+        if name.startswith("loopax._")
+        and not any(name == a or name.startswith(a + ".") for a in ALLOWED_PRIVATE)
+    ]
+
+
+@pytest.mark.parametrize("folder", ["tests", "benchmarks"])
+def test_tests_and_benchmarks_use_the_public_api(folder):
+    found = [
+        v
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for v in _private_loopax_imports(path)
+    ]
+    assert not found, (
+        "private loopax modules imported; use the public API or loopax._schedule "
+        "(the documented test-hook module):\n" + "\n".join(found)
+    )

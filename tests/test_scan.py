@@ -33,7 +33,7 @@ import pytest
 from helpers import assert_tree_allclose
 
 import loopax
-from loopax._schedule import revolve_cost, schedule
+from loopax._schedule import revolve_cost
 
 
 # -- a pytree scan ------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_optimum_of_loopax_model():
 def test_replay_recomputes_the_optimum():
     for n in range(61):
         for c in range(1, 7):
-            plan = schedule(n, c, max_steps=n, known_length=True)
+            plan = loopax.schedule(n, c, max_steps=n, known_length=True)
             optimum = _t_closed_form(n + 1, c + 1) - n if n else 0
             assert plan.num_recomputed == optimum, (n, c)
             assert plan.total_evaluations == 2 * n + optimum
@@ -272,7 +272,7 @@ def test_compiled_body_calls_match_replay(n, checkpoints):
     _calls.clear()
     got = jax.block_until_ready(_recording_grad(n, checkpoints)(h, xs))
     jax.effects_barrier()
-    plan = schedule(n, checkpoints, max_steps=n, known_length=True)
+    plan = loopax.schedule(n, checkpoints, max_steps=n, known_length=True)
     assert tuple(_calls) == plan.body_calls
     if not plan.stores_residuals:
         assert len(_calls) == n + _t_closed_form(n + 1, checkpoints + 1)

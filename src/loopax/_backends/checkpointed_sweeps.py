@@ -33,6 +33,7 @@ from .._schedule.online import (
     next_store,
     online_plan,
     online_store,
+    online_table_length,
 )
 
 
@@ -75,14 +76,6 @@ def output_rows(max_steps: int | None) -> int:
 
 
 # -- forward sweeps -------------------------------------------------------------------
-
-# Online decisions precomputed at trace time: at most this many steps (computing them
-# takes 0.02 s for 1 checkpoint to 1 s for 100, once per process and `checkpoints`).
-_ONLINE_TABLE_STEPS = 1024
-
-
-def _online_table_length(max_steps: int | None) -> int:
-    return min(_ONLINE_TABLE_STEPS, max_steps or _ONLINE_TABLE_STEPS)
 
 
 def _slot_dtype(checkpoints: int):
@@ -131,7 +124,7 @@ def recording_forward(
     exact = forward_slots is not None
     if not exact:
         forward_slots = online_forward_slots(
-            checkpoints, _online_table_length(max_steps)
+            checkpoints, online_table_length(max_steps)
         )
     num_table = len(forward_slots)
     table_covers_loop = exact or (max_steps is not None and max_steps <= num_table)

@@ -13,6 +13,17 @@ import numpy as np
 from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped
 
 
+# The compiled forward sweep looks the online decisions of the first steps up in a
+# table computed at trace time (`forward_slots`), and runs the rule itself past it.
+ONLINE_TABLE_STEPS = 1024
+
+
+def online_table_length(max_steps: int | None) -> int:
+    """How many of a loop's first decisions the trace-time table holds (read at call
+    time, so tests can shrink the table)."""
+    return min(ONLINE_TABLE_STEPS, max_steps or ONLINE_TABLE_STEPS)
+
+
 class OnlineState(NamedTuple):
     """The state of the online policy.
 
