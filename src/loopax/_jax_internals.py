@@ -167,6 +167,109 @@ def broadcast_batched(x: Any, axis_data: Any) -> Any:
     return _batching.broadcast(x, axis_data.size, 0, None)
 
 
+class CannotVary(Exception):
+    """`eval_jaxpr_varying` met an equation it cannot retype (a nested control-flow
+    primitive whose jaxprs were traced for less varying inputs)."""
+
+
+def _is_pvary(primitive: Any) -> bool:
+    return primitive.name == "pvary"
+
+
+def _has_jaxpr_params(params: dict) -> bool:
+    def is_jaxpr(v):
+        return isinstance(v, (ClosedJaxpr, Jaxpr)) or (
+            isinstance(v, (tuple, list)) and any(is_jaxpr(u) for u in v)
+        )
+
+    return any(is_jaxpr(v) for v in params.values())
+
+
+def eval_jaxpr_varying(jaxpr: ClosedJaxpr, *args) -> list:
+    """Evaluate `jaxpr` on `args` that may vary over more `shard_map` mesh axes than
+    the jaxpr's inputs were traced with.
+
+    A `pvary` of a value that already varies over its axes becomes the identity, and
+    an equation whose inputs now disagree on their varying axes gets them `pcast` to
+    the union first (as JAX's own `lax` functions do when tracing). Nested `jit`s are
+    inlined. Raises `CannotVary` for other nested jaxprs (control flow) whose input
+    types changed."""
+    inner = open_jaxpr(jaxpr)
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    for v, x in zip(inner.constvars, jaxpr.consts, strict=True):
+        env[v] = x
+    for v, x in zip(inner.invars, args, strict=True):
+        env[v] = x
+    for eqn in inner.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if _is_pvary(eqn.primitive):
+            (x,) = invals
+            have = set(varying_axes(jax.typeof(x)))
+            missing = tuple(a for a in eqn.params["axes"] if a not in have)
+            outs = [lax.pcast(x, missing, to="varying") if missing else x]
+        elif eqn.primitive.name in ("jit", "pjit"):
+            outs = eval_jaxpr_varying(eqn.params["jaxpr"], *invals)
+        else:
+            got = [varying_axes(jax.typeof(x)) for x in invals]
+            expected = [
+                varying_axes(v.aval) if not isinstance(v, jex_core.Literal) else ()
+                for v in eqn.invars
+            ]
+            if got != expected:
+                if _has_jaxpr_params(eqn.params):
+                    raise CannotVary(eqn.primitive.name)
+                union = set().union(*got)
+                invals = [
+                    lax.pcast(x, tuple(sorted(union - set(g))), to="varying")
+                    if union - set(g)
+                    else x
+                    for x, g in zip(invals, got, strict=True)
+                ]
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            subfuns = []
+            if isinstance(bind_params, tuple):  # Older JAX: (subfuns, params).
+                subfuns, bind_params = bind_params
+            outs = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(v, jex_core.DropVar):
+                env[v] = x
+    return [read(v) for v in inner.outvars]
+
+
+def pvary_sources(jaxpr: ClosedJaxpr, inputs: Sequence[bool]) -> bool:
+    """Whether a value computed from the inputs marked in `inputs` reaches a cast to
+    varying (`pvary`) in `jaxpr`: the transpose of that cast is a `psum`, a
+    collective. (Nested jaxprs count as a whole: any cast inside one whose equation
+    takes such a value.)"""
+    inner = open_jaxpr(jaxpr)
+    reached = {v for v, m in zip(inner.invars, inputs, strict=True) if m}
+
+    def eqn_casts(eqn) -> bool:
+        if _is_pvary(eqn.primitive):
+            return True
+        for v in eqn.params.values():
+            for u in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(u, (ClosedJaxpr, Jaxpr)):
+                    j = open_jaxpr(u) if isinstance(u, ClosedJaxpr) else u
+                    if any(eqn_casts(e) for e in j.eqns):
+                        return True
+        return False
+
+    for eqn in inner.eqns:
+        if not any(is_var(v) and v in reached for v in eqn.invars):
+            continue
+        if eqn_casts(eqn):
+            return True
+        reached.update(eqn.outvars)
+    return False
+
+
 # -- avals ------------------------------------------------------------------------
 
 
@@ -178,23 +281,53 @@ def varying_axes(aval: Any) -> tuple[str, ...]:
     return tuple(sorted(mat.varying))
 
 
+def explicit_sharding(aval: Any, rows: int = 0) -> Any:
+    """The sharding of a value of type `aval` on a mesh with explicit axes, with
+    `rows` unsharded leading dimensions prepended (for stacks of such values); `None`
+    when no dimension is sharded over an explicit axis (automatic axes and
+    `shard_map`'s manual axes are not part of the type)."""
+    sharding = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(p is None for p in spec):
+        return None
+    return jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(*(None,) * rows, *spec)
+    )
+
+
+def invariant_aval(aval: Any) -> Any:
+    """`aval` without `shard_map` varying axes (the type of a value every device
+    holds identically)."""
+    mat = getattr(aval, "mat", None)
+    if mat is None or mat.empty or not mat.varying:
+        return aval
+    return aval.update(manual_axis_type=mat.update(varying=frozenset()))
+
+
 def shape_struct(aval: Any) -> jax.ShapeDtypeStruct:
-    """A `ShapeDtypeStruct` of `aval`'s shape and dtype, and inside `shard_map` of the
-    mesh axes it varies over (its manual axis type), so jaxprs traced from it
-    type-check there."""
+    """A `ShapeDtypeStruct` of `aval`'s shape and dtype, its sharding over explicit
+    mesh axes, and inside `shard_map` the mesh axes it varies over (its manual axis
+    type), so jaxprs traced from it type-check there."""
     mat = getattr(aval, "mat", None)
     if mat is None or mat.empty:
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+        return jax.ShapeDtypeStruct(
+            aval.shape, aval.dtype, sharding=explicit_sharding(aval)
+        )
     return jax.ShapeDtypeStruct(
         aval.shape, aval.dtype, sharding=aval.sharding, manual_axis_type=mat
     )
 
 
 def zeros(aval: Any, rows: tuple[int, ...] = ()) -> jax.Array:
-    """Zeros of `aval`'s shape (after `rows` leading dimensions) and dtype, varying
-    over the same `shard_map` mesh axes as `aval`, so that loops and conds that mix
-    them with values of that type type-check under `check_vma=True`."""
-    out = jnp.zeros((*rows, *aval.shape), aval.dtype)
+    """Zeros of `aval`'s shape (after `rows` leading dimensions) and dtype, with the
+    same sharding over explicit mesh axes (the `rows` unsharded) and varying over the
+    same `shard_map` mesh axes as `aval`, so that loops and conds that mix them with
+    values of that type type-check."""
+    out = jnp.zeros(
+        (*rows, *aval.shape),
+        aval.dtype,
+        out_sharding=explicit_sharding(aval, len(rows)),
+    )
     axes = varying_axes(aval)
     if axes:
         out = lax.pcast(out, axes, to="varying")
@@ -203,7 +336,7 @@ def zeros(aval: Any, rows: tuple[int, ...] = ()) -> jax.Array:
 
 def stacked_aval(num_rows: int, aval: Any) -> Any:
     """The aval of `num_rows` values of type `aval` stacked along a new axis 0
-    (keeping the varying mesh axes)."""
+    (keeping the sharding and the varying mesh axes)."""
     return jex_core.unmapped_aval(num_rows, 0, aval)
 
 
@@ -214,7 +347,14 @@ def strong_aval(aval: Any) -> Any:
 
 def row_aval(aval: Any) -> Any:
     """The aval of one row of a stacked `aval`."""
-    return aval.update(shape=aval.shape[1:])
+    sharding = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or len(spec) == 0:
+        return aval.update(shape=aval.shape[1:])
+    return aval.update(
+        shape=aval.shape[1:],
+        sharding=sharding.update(spec=jax.sharding.PartitionSpec(*spec[1:])),
+    )
 
 
 def int32_vector_aval(size: int) -> Any:

@@ -311,9 +311,7 @@ class Loop:
         new_leaves = [
             jnp.asarray(new, old.dtype)
             if shown
-            else lax.select(
-                jnp.broadcast_to(mask, jnp.shape(old)), jnp.asarray(new, old.dtype), old
-            )
+            else lax.select(mask, jnp.asarray(new, old.dtype), old)
             for new, old, shown in zip(
                 treedef.flatten_up_to(out), values, self._show_as_buffer, strict=True
             )

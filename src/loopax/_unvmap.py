@@ -17,7 +17,7 @@ Both are identity-like on unbatched inputs and only differ in their batching rul
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool
 
-from ._jax_internals import Primitive, define_primitive, zero_like
+from ._jax_internals import Primitive, define_primitive, invariant_aval, zero_like
 
 
 def _unvmap_any_batch(args, dims):
@@ -31,7 +31,7 @@ def _active_mask_batch(args, dims):
     return x, dim
 
 
-def _bool_primitive(name: str, impl, batch) -> Primitive:
+def _bool_primitive(name: str, impl, batch, abstract_eval=lambda x: x) -> Primitive:
     """A boolean identity-like primitive with no tangent."""
 
     def jvp(primals, tangents):
@@ -40,14 +40,20 @@ def _bool_primitive(name: str, impl, batch) -> Primitive:
         return out, zero_like(out)
 
     primitive = define_primitive(
-        name, impl=impl, abstract_eval=lambda x: x, jvp=jvp, batch=batch
+        name, impl=impl, abstract_eval=abstract_eval, jvp=jvp, batch=batch
     )
     return primitive
 
 
 unvmap_any_p = _bool_primitive("loopax_unvmap_any", lambda x: x, _unvmap_any_batch)
 active_mask_p = _bool_primitive(
-    "loopax_active_mask", lambda x: jnp.ones_like(x), _active_mask_batch
+    "loopax_active_mask",
+    # Unbatched: the constant `True`, invariant over `shard_map`'s mesh axes even
+    # where `pred` varies (a per-device trip count needs no freezing: each device
+    # runs its own loop), so the freeze folds away and types nothing as varying.
+    lambda x: jnp.ones(jnp.shape(x), jnp.bool_),
+    _active_mask_batch,
+    abstract_eval=invariant_aval,
 )
 
 

@@ -23,10 +23,21 @@ checkpoint traces its function once, and the levels nest.
 """
 
 import functools as ft
+from collections.abc import Callable
 
 import jax
 import jax.lax as lax
+import jax.tree_util as jtu
 
+from .._devices import VARYING_TRIP_COUNT_ERROR, loop_axes, vary_consts
+from .._forward_only import forward_only
+from .._jax_internals import (
+    CannotVary,
+    eval_jaxpr_varying,
+    pvary_sources,
+    varying_axes,
+    with_consts,
+)
 from .._schedule import bounded_plan as plan
 from .._state import Loop, LoopState
 
@@ -74,12 +85,13 @@ def bounded_while_loop(loop: Loop, *, base: int) -> LoopState:
     if max_steps == 0:
         return state
     length, depth = plan(max_steps, base)
+    state, step_fn = _vary_over_devices(loop, state)
 
     def run(s: LoopState, level: int) -> LoopState:
         """`length` blocks of `length**level` steps, each skipped once the loop is
         done (`loop.cond` includes `step < max_steps`)."""
         if level == 0:
-            block = loop.body
+            block = step_fn
         else:
             block = ft.partial(run, level=level - 1)
 
@@ -101,3 +113,45 @@ def bounded_while_loop(loop: Loop, *, base: int) -> LoopState:
         return lax.scan(guarded_block, s, length=length)[0]
 
     return run(state, depth - 1)
+
+
+def _vary_over_devices(loop: Loop, state: LoopState) -> tuple[LoopState, Callable]:
+    """Inside `shard_map`: the step with its replicated constants cast to varying
+    once, outside the scans (see `_devices.py`), so reverse mode sums their
+    cotangents over devices after the loop, not in every step (nor inside a
+    `cond` some devices skip). Where the trip count differs per device and a
+    replicated carry leaf would still need such a sum, differentiating that leaf
+    raises a clear error instead of deadlocking. Elsewhere: `loop.body`."""
+    leaves, treedef = jtu.tree_flatten(state)
+    body = jax.make_jaxpr(loop.cond)(state)
+    axes = loop_axes([*body.out_avals, *(jax.typeof(x) for x in leaves)])
+    if not axes:
+        return state, loop.body
+    pred_varies = bool(varying_axes(body.out_avals[0]))
+    jaxpr = jax.make_jaxpr(loop.body)(state)
+    step_fn = loop.body
+    varied = vary_consts(jaxpr.consts, axes)
+    if varied is not None:
+
+        def hoisted(s: LoopState) -> LoopState:
+            out = eval_jaxpr_varying(with_consts(jaxpr, varied), *jtu.tree_leaves(s))
+            return jtu.tree_unflatten(treedef, out)
+
+        try:
+            new = jax.make_jaxpr(hoisted)(state)
+        except CannotVary:
+            new = None
+        if new is not None and [varying_axes(a) for a in new.out_avals] == [
+            varying_axes(jax.typeof(x)) for x in leaves
+        ]:
+            jaxpr, step_fn = new, hoisted
+    if pred_varies:
+        message = VARYING_TRIP_COUNT_ERROR.format(axes=varying_axes(body.out_avals[0]))
+        leaves = [
+            forward_only(x, message)
+            if pvary_sources(jaxpr, [j == i for j in range(len(leaves))])
+            else x
+            for i, x in enumerate(leaves)
+        ]
+        state = jtu.tree_unflatten(treedef, leaves)
+    return state, step_fn

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .._buffer import mark_read_once
+from .._devices import VARYING_TRIP_COUNT_ERROR
 from .._jax_internals import (
     ClosedJaxpr,
     define_primitive,
@@ -28,8 +29,10 @@ from .._jax_internals import (
     is_undefined_primal,
     is_zero,
     partial_eval_jaxpr,
+    pvary_sources,
     row_aval,
     undefined_or_value_aval,
+    varying_axes,
 )
 from .checkpointed_loop import (
     FIXPOINT_ERROR,
@@ -190,7 +193,6 @@ def _linear_impl(*args, body, cond, spec, record, split):
 
 
 def _linear_transpose(cts, *args, body, cond, spec, record, split):
-    del cond
     layout = _linear_layout(spec, split, record)
     k_consts, k_init, k_final, recorded, u_consts, u_init = split_list(args, layout)
     out_avals = _unknown_outputs(
@@ -231,6 +233,17 @@ def _linear_transpose(cts, *args, body, cond, spec, record, split):
         num_residuals = len(unknown_body.in_avals) - n_uc - len(u_init)
         unknown_body = mark_read_once(
             unknown_body, [False] * (num_residuals + n_uc) + written
+        )
+
+    num_linear = n_uc + len(u_init)
+    if varying_axes(cond.out_avals[0]) and pvary_sources(
+        unknown_body,
+        [False] * (len(unknown_body.in_avals) - num_linear) + [True] * num_linear,
+    ):
+        # The backward loop would sum a cotangent over devices once per step, and
+        # the devices run different numbers of steps: a deadlock or a wrong sum.
+        raise ValueError(
+            VARYING_TRIP_COUNT_ERROR.format(axes=varying_axes(cond.out_avals[0]))
         )
 
     def transpose_unknown(residuals, ct_out):

@@ -27,12 +27,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._devices import loop_axes, vary_consts
 from .._jax_internals import (
+    CannotVary,
     ClosedJaxpr,
     batch_jaxpr,
     broadcast_batched,
     dce_jaxpr as keep_outputs,
     define_primitive,
+    eval_jaxpr_varying,
     eqn_like,
     instantiate_zeros,
     int32_vector_aval,
@@ -43,6 +46,7 @@ from .._jax_internals import (
     stacked_aval,
     strong_aval,
     tangent_aval,
+    varying_axes,
     with_consts,
     zero_like,
 )
@@ -131,16 +135,35 @@ def trace_loop(
     cond = jax.make_jaxpr(lambda *c: [cond_fn(list(c))])(*structs)
     consts = [*body.consts, *cond.consts]
     nb = len(body.consts)
-    const_avals = [jax.typeof(c) for c in consts]
-    in_avals = [*const_avals, *avals]
 
-    def body_all(*args):
-        return call(with_consts(body, args[:nb]), *args[len(consts) :])
+    def trace(consts, evaluate):
+        in_avals = [*(jax.typeof(c) for c in consts), *avals]
 
-    def cond_all(*args):
-        return call(with_consts(cond, args[nb : len(consts)]), *args[len(consts) :])
+        def body_all(*args):
+            return evaluate(with_consts(body, args[:nb]), *args[len(consts) :])
 
-    return consts, retrace(body_all, in_avals), retrace(cond_all, in_avals)
+        def cond_all(*args):
+            jaxpr = with_consts(cond, args[nb : len(consts)])
+            return evaluate(jaxpr, *args[len(consts) :])
+
+        return consts, retrace(body_all, in_avals), retrace(cond_all, in_avals)
+
+    plain = trace(consts, call)
+    # Inside `shard_map`: cast replicated constants to varying once, before the loop,
+    # so that reverse mode sums their cotangents over devices after the backward loop
+    # instead of inside it (see `_devices.py`).
+    axes = loop_axes([*cond.out_avals, *avals])
+    varied = vary_consts(consts, axes) if axes else None
+    if varied is None:
+        return plain
+    try:
+        hoisted = trace(varied, eval_jaxpr_varying)
+    except CannotVary:
+        return plain
+    carry_types = [varying_axes(a) for a in hoisted[1].out_avals[: len(avals)]]
+    if carry_types != [varying_axes(a) for a in avals]:
+        return plain  # A replicated carry leaf would become per-device.
+    return hoisted
 
 
 def bind_loop(
