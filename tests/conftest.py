@@ -1,9 +1,18 @@
+import os
 import random
 
 import jax
 import jax.random as jr
 import pytest
 
+
+# The multi-device tests need 8 simulated devices, set before JAX initialises its
+# backend: they run in a pytest invocation of their own (see multidevice/conftest.py).
+collect_ignore = (
+    []
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    else ["multidevice"]
+)
 
 # Strict promotion: loopax must never rely on implicit rank or dtype promotion.
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -304,6 +304,24 @@ def invariant_aval(aval: Any) -> Any:
     return aval.update(manual_axis_type=mat.update(varying=frozenset()))
 
 
+def per_device_shape(x: Any) -> tuple[int, ...]:
+    """The shape of the part of `x` (an array, a tracer or a `ShapeDtypeStruct`) one
+    device holds, where its sharding is known at trace time: a committed array's or
+    a `ShapeDtypeStruct`'s sharding, or a tracer's sharding over explicit mesh axes.
+    (Inside `shard_map` shapes are per device already.) Otherwise its shape."""
+    shape = tuple(jnp.shape(x))
+    if isinstance(x, jax.core.Tracer):
+        sharding = explicit_sharding(jax.typeof(x))
+    else:
+        sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        return shape
+    try:
+        return tuple(sharding.shard_shape(shape))
+    except Exception:  # e.g. a sharding that cannot tell its shard shape.
+        return shape
+
+
 def shape_struct(aval: Any) -> jax.ShapeDtypeStruct:
     """A `ShapeDtypeStruct` of `aval`'s shape and dtype, its sharding over explicit
     mesh axes, and inside `shard_map` the mesh axes it varies over (its manual axis

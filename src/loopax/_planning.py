@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _schedule
 from ._buffer import Buffer
+from ._jax_internals import per_device_shape
 from ._schedule.budget import checkpoints_for_bytes
 from ._state import _select_buffer_leaves
 
@@ -25,7 +26,8 @@ def _leaf_bytes(leaf: Any) -> int:
         leaf = leaf._array
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
         leaf = jnp.asarray(leaf)
-    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    # Per device: a sharded leaf's checkpoint is split over its shards.
+    return math.prod(per_device_shape(leaf)) * np.dtype(leaf.dtype).itemsize
 
 
 def carry_bytes(carry: Any, buffers: Callable[[Any], Any] | None = None) -> int:
@@ -150,7 +152,11 @@ def checkpoints_for_budget(
         path (`c == max_steps`) each step's VJP residuals are stored instead of the
         carries (like `lax.scan`); they may be larger than the carry. Under `vmap`
         the carry is measured per batch element, so a batch of `B` needs `B` times
-        the budget.
+        the budget. With several devices the budget is *per device*: a leaf whose
+        sharding is known at trace time (a committed array, an explicit mesh axis,
+        or any value inside `shard_map`) counts the part one device holds, so a
+        carry split over 8 devices fits 8 times the checkpoints; leaves sharded only
+        by automatic propagation inside `jit` count whole.
     """
     return checkpoints_for_bytes(
         carry_bytes(init_val, buffers), memory_budget, max_steps=max_steps
