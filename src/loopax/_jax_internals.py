@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.core as _core
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 from jax import lax
@@ -288,7 +289,7 @@ def explicit_sharding(aval: Any, rows: int = 0) -> Any:
     `shard_map`'s manual axes are not part of the type)."""
     sharding = getattr(aval, "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if spec is None or all(p is None for p in spec):
+    if sharding is None or spec is None or all(p is None for p in spec):
         return None
     return jax.sharding.NamedSharding(
         sharding.mesh, jax.sharding.PartitionSpec(*(None,) * rows, *spec)
@@ -310,7 +311,7 @@ def per_device_shape(x: Any) -> tuple[int, ...]:
     a `ShapeDtypeStruct`'s sharding, or a tracer's sharding over explicit mesh axes.
     (Inside `shard_map` shapes are per device already.) Otherwise its shape."""
     shape = tuple(jnp.shape(x))
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, _core.Tracer):
         sharding = explicit_sharding(jax.typeof(x))
     else:
         sharding = getattr(x, "sharding", None)
@@ -367,7 +368,7 @@ def row_aval(aval: Any) -> Any:
     """The aval of one row of a stacked `aval`."""
     sharding = getattr(aval, "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if spec is None or len(spec) == 0:
+    if sharding is None or spec is None or len(spec) == 0:
         return aval.update(shape=aval.shape[1:])
     return aval.update(
         shape=aval.shape[1:],

@@ -3,7 +3,13 @@
 import re
 
 
-_COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "reduce-scatter", "all-to-all")
+_COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "collective-permute",
+    "reduce-scatter",
+    "all-to-all",
+)
 _CALLS = re.compile(
     r"(?:body|condition|calls|to_apply|true_computation|false_computation)=(%[\w.\-]+)"
     r"|branch_computations=\{([^}]*)\}"

@@ -55,10 +55,14 @@ def test_two_processes_data_parallel_gradient():
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for rc, out, err in outputs:
+    for rc, _, err in outputs:
         if rc != 0:
-            if "gloo" in err.lower() and ("not" in err.lower() or "unknown" in err.lower()):
-                pytest.skip(f"gloo CPU collectives unavailable in this jaxlib: {err[-300:]}")
+            if "gloo" in err.lower() and (
+                "not" in err.lower() or "unknown" in err.lower()
+            ):
+                pytest.skip(
+                    f"gloo CPU collectives unavailable in this jaxlib: {err[-300:]}"
+                )
             raise AssertionError(f"worker failed ({rc}):\n{err[-3000:]}")
     want = _reference().ravel()
     for _, out, _ in outputs:

@@ -6,12 +6,11 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import pytest
+from helpers import assert_tree_allclose
+from hlo_collectives import collectives_in_loops
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import loopax
-
-from helpers import assert_tree_allclose
-from hlo_collectives import collectives_in_loops
 
 
 STEPS = 6
@@ -35,11 +34,18 @@ def _step(w, y):
 def _loop(name, w, y):
     """`STEPS` steps of `_step`, by loopax."""
     if name == "scan":
-        return loopax.scan(lambda c, _: (_step(w, c), None), y, length=STEPS, checkpoints=2)[0]
+        return loopax.scan(
+            lambda c, _: (_step(w, c), None), y, length=STEPS, checkpoints=2
+        )[0]
     if name == "fori_loop":
-        return loopax.fori_loop(0, STEPS, lambda i, c: _step(w, c), y, kind="checkpointed", checkpoints=2)
+        return loopax.fori_loop(
+            0, STEPS, lambda i, c: _step(w, c), y, kind="checkpointed", checkpoints=2
+        )
     out = loopax.while_loop(
-        lambda c: c[0] < STEPS, lambda c: (c[0] + 1, _step(w, c[1])), (0, y), **LOOPS[name]
+        lambda c: c[0] < STEPS,
+        lambda c: (c[0] + 1, _step(w, c[1])),
+        (0, y),
+        **LOOPS[name],
     )
     return out[1]
 
@@ -172,13 +178,17 @@ def _per_device_reference(kappa, x, n):
     kappa = lax.pcast(kappa, ("x",), to="varying")
 
     def step(y, i):
-        return lax.cond(i < n[0], lambda y: jnp.sin(y) * kappa + 0.1, lambda y: y, y), None
+        return lax.cond(
+            i < n[0], lambda y: jnp.sin(y) * kappa + 0.1, lambda y: y, y
+        ), None
 
     return lax.scan(step, x, jnp.arange(8))[0]
 
 
 def _shard(mesh, fn):
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("x"), P("x")), out_specs=P("x"))
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(P(), P("x"), P("x")), out_specs=P("x")
+    )
 
 
 @pytest.fixture
@@ -198,17 +208,25 @@ def test_shard_map_trip_count_per_device(name, per_device_inputs):
     runs once, after them)."""
     mesh, kappa, x, n = per_device_inputs
     with jax.set_mesh(mesh):
-        want = jax.jit(_shard(mesh, lambda k, x, n: _per_device("lax.while_loop", k, x, n)))(kappa, x, n)
-        got = jax.jit(_shard(mesh, lambda k, x, n: _per_device(name, k, x, n)))(kappa, x, n)
+        want = jax.jit(
+            _shard(mesh, lambda k, x, n: _per_device("lax.while_loop", k, x, n))
+        )(kappa, x, n)
+        got = jax.jit(_shard(mesh, lambda k, x, n: _per_device(name, k, x, n)))(
+            kappa, x, n
+        )
         assert_tree_allclose(got, want)
-        assert_tree_allclose(want, jax.jit(_shard(mesh, _per_device_reference))(kappa, x, n))
+        assert_tree_allclose(
+            want, jax.jit(_shard(mesh, _per_device_reference))(kappa, x, n)
+        )
         if name == "lax":
             return
 
         def loss(fn):
             return lambda k, x: jnp.sum(_shard(mesh, fn)(k, x, n) ** 2)
 
-        grad = jax.jit(jax.grad(loss(lambda k, x, n: _per_device(name, k, x, n)), argnums=(0, 1)))
+        grad = jax.jit(
+            jax.grad(loss(lambda k, x, n: _per_device(name, k, x, n)), argnums=(0, 1))
+        )
         assert collectives_in_loops(grad.lower(kappa, x).compile().as_text()) == 0
         want = jax.jit(jax.grad(loss(_per_device_reference), argnums=(0, 1)))(kappa, x)
         assert_tree_allclose(grad(kappa, x), want, rtol=1e-5, atol=1e-6)
@@ -232,7 +250,9 @@ def test_shard_map_replicated_carry_leaf(name, per_device_inputs):
 
         if loop == "lax.while_loop":
             return lax.while_loop(cond, body, (0, t0, x))[2]
-        return loopax.while_loop(cond, body, (0, t0, x), **LOOPS.get(loop, dict(kind=loop)))[2]
+        return loopax.while_loop(
+            cond, body, (0, t0, x), **LOOPS.get(loop, dict(kind=loop))
+        )[2]
 
     def ref(t0, x, n):
         def step(c, i):
@@ -244,7 +264,9 @@ def test_shard_map_replicated_carry_leaf(name, per_device_inputs):
         return lax.scan(step, (t0, x), jnp.arange(8))[0][1]
 
     with jax.set_mesh(mesh):
-        want = jax.jit(_shard(mesh, lambda t, x, n: fn("lax.while_loop", t, x, n)))(kappa, x, n)
+        want = jax.jit(_shard(mesh, lambda t, x, n: fn("lax.while_loop", t, x, n)))(
+            kappa, x, n
+        )
         got = jax.jit(_shard(mesh, lambda t, x, n: fn(name, t, x, n)))(kappa, x, n)
         assert_tree_allclose(got, want)
         if name == "lax":
@@ -253,7 +275,11 @@ def test_shard_map_replicated_carry_leaf(name, per_device_inputs):
         def loss(f):
             return lambda t, x: jnp.sum(_shard(mesh, f)(t, x, n) ** 2)
 
-        g = jax.jit(jax.grad(loss(lambda t, x, n: fn(name, t, x, n)), argnums=1))(kappa, x)
+        g = jax.jit(jax.grad(loss(lambda t, x, n: fn(name, t, x, n)), argnums=1))(
+            kappa, x
+        )
         assert_tree_allclose(g, jax.jit(jax.grad(loss(ref), argnums=1))(kappa, x))
         with pytest.raises(ValueError, match="pcast"):
-            jax.jit(jax.grad(loss(lambda t, x, n: fn(name, t, x, n)), argnums=0))(kappa, x)
+            jax.jit(jax.grad(loss(lambda t, x, n: fn(name, t, x, n)), argnums=0))(
+                kappa, x
+            )
