@@ -283,3 +283,24 @@ def test_shard_map_replicated_carry_leaf(name, per_device_inputs):
             jax.jit(jax.grad(loss(lambda t, x, n: fn(name, t, x, n)), argnums=0))(
                 kappa, x
             )
+
+
+def test_memory_budget_is_per_device():
+    """`memory_budget` counts the bytes one device holds of each sharded leaf: a
+    committed array, or a tracer on explicit axes; a replicated leaf counts whole."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    y = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("x", None)))
+    assert loopax.checkpoints_for_budget(jnp.zeros((16, 8)), 1024) == 2
+    assert loopax.checkpoints_for_budget(y, 1024) == 16
+    replicated = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P()))
+    assert loopax.checkpoints_for_budget(replicated, 1024) == 2
+    with jax.set_mesh(mesh):
+        counts = []
+
+        @jax.jit
+        def f(y):
+            counts.append(loopax.checkpoints_for_budget(y, 1024))
+            return y
+
+        f(y)
+    assert counts == [16]
