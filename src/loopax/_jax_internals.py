@@ -245,30 +245,54 @@ def eval_jaxpr_varying(jaxpr: ClosedJaxpr, *args) -> list:
 
 def pvary_sources(jaxpr: ClosedJaxpr, inputs: Sequence[bool]) -> bool:
     """Whether a value computed from the inputs marked in `inputs` reaches a cast to
-    varying (`pvary`) in `jaxpr`: the transpose of that cast is a `psum`, a
-    collective. (Nested jaxprs count as a whole: any cast inside one whose equation
-    takes such a value.)"""
+    varying (`pvary`) of an inexact value in `jaxpr`: the transpose of that cast is
+    a `psum`, a collective. Nested calls (`jit`, `custom_jvp`, `cond` branches) are
+    followed input by input; other nested jaxprs count as a whole."""
     inner = open_jaxpr(jaxpr)
     reached = {v for v, m in zip(inner.invars, inputs, strict=True) if m}
 
-    def eqn_casts(eqn) -> bool:
-        if _is_pvary(eqn.primitive):
-            return True
-        for v in eqn.params.values():
-            for u in v if isinstance(v, (tuple, list)) else (v,):
-                if isinstance(u, (ClosedJaxpr, Jaxpr)):
-                    j = open_jaxpr(u) if isinstance(u, ClosedJaxpr) else u
-                    if any(eqn_casts(e) for e in j.eqns):
+    def casts_anywhere(j) -> bool:
+        j = open_jaxpr(j) if isinstance(j, ClosedJaxpr) else j
+        for eqn in j.eqns:
+            if _is_pvary(eqn.primitive) and _inexact(eqn.invars[0]):
+                return True
+            for v in eqn.params.values():
+                for u in v if isinstance(v, (tuple, list)) else (v,):
+                    if isinstance(u, (ClosedJaxpr, Jaxpr)) and casts_anywhere(u):
                         return True
         return False
 
+    def closed(j) -> ClosedJaxpr:
+        return j if isinstance(j, ClosedJaxpr) else ClosedJaxpr(j, [])
+
     for eqn in inner.eqns:
-        if not any(is_var(v) and v in reached for v in eqn.invars):
+        marks = [is_var(v) and v in reached for v in eqn.invars]
+        if not any(marks):
             continue
-        if eqn_casts(eqn):
+        if _is_pvary(eqn.primitive):
+            if _inexact(eqn.invars[0]):
+                return True
+        elif (sub := eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))) is not None:
+            if len(closed(sub).in_avals) == len(marks):
+                if pvary_sources(closed(sub), marks):
+                    return True
+            elif casts_anywhere(sub):
+                return True
+        elif "branches" in eqn.params:
+            if any(pvary_sources(closed(b), marks[1:]) for b in eqn.params["branches"]):
+                return True
+        elif any(
+            isinstance(u, (ClosedJaxpr, Jaxpr)) and casts_anywhere(u)
+            for v in eqn.params.values()
+            for u in (v if isinstance(v, (tuple, list)) else (v,))
+        ):
             return True
         reached.update(eqn.outvars)
     return False
+
+
+def _inexact(v: Any) -> bool:
+    return jnp.issubdtype(v.aval.dtype, jnp.inexact)
 
 
 # -- avals ------------------------------------------------------------------------

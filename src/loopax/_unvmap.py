@@ -28,7 +28,16 @@ def _unvmap_any_batch(args, dims):
 def _active_mask_batch(args, dims):
     (x,), (dim,) = args, dims
     # Batched: the real per-element predicate. (Unbatched inputs never reach here.)
-    return x, dim
+    # Typed invariant over `shard_map`'s mesh axes, as the unbatched mask is: the
+    # loop body was traced with that type (a frozen replicated leaf stays typed
+    # replicated), exactly as JAX types the carry of a `while_loop` whose batched
+    # predicate differs per device.
+    return _invariant_mask_p.bind(x), dim
+
+
+def _invariant_mask_batch(args, dims):
+    (x,), (dim,) = args, dims
+    return _invariant_mask_p.bind(x), dim
 
 
 def _bool_primitive(name: str, impl, batch, abstract_eval=lambda x: x) -> Primitive:
@@ -45,6 +54,12 @@ def _bool_primitive(name: str, impl, batch, abstract_eval=lambda x: x) -> Primit
     return primitive
 
 
+_invariant_mask_p = _bool_primitive(
+    "loopax_invariant_mask",
+    lambda x: x,
+    _invariant_mask_batch,
+    abstract_eval=invariant_aval,
+)
 unvmap_any_p = _bool_primitive("loopax_unvmap_any", lambda x: x, _unvmap_any_batch)
 active_mask_p = _bool_primitive(
     "loopax_active_mask",

@@ -304,3 +304,181 @@ def test_memory_budget_is_per_device():
 
         f(y)
     assert counts == [16]
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("name", ["lax", "checkpointed", "bounded"])
+def test_shard_map_vmap_batched_predicate(name, check_vma, per_device_inputs):
+    """`vmap` inside `shard_map`: a predicate batched *and* different per device."""
+    mesh, kappa, x, n = per_device_inputs
+
+    def local(loop, k, x, n):
+        def body(c):
+            i, y = c
+            return i + 1, jnp.sin(y) * k + 0.1
+
+        def one(xe):
+            def cond(c):
+                return c[0] < n[0] + (xe > 0.5).astype(jnp.int32)
+
+            if loop == "lax.while_loop":
+                return lax.while_loop(cond, body, (0, xe))[1]
+            return loopax.while_loop(
+                cond, body, (0, xe), **LOOPS.get(loop, {"kind": loop})
+            )[1]
+
+        return jax.vmap(one)(x)
+
+    def reference(k, x, n):
+        if check_vma:
+            k = lax.pcast(k, ("x",), to="varying")
+
+        def one(xe):
+            stop = n[0] + (xe > 0.5).astype(jnp.int32)
+
+            def step(y, i):
+                return lax.cond(
+                    i < stop, lambda y: jnp.sin(y) * k + 0.1, lambda y: y, y
+                ), None
+
+            return lax.scan(step, xe, jnp.arange(9))[0]
+
+        return jax.vmap(one)(x)
+
+    def shard(fn):
+        return jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=(P(), P("x"), P("x")),
+            out_specs=P("x"),
+            check_vma=check_vma,
+        )
+
+    with jax.set_mesh(mesh):
+        want = jax.jit(shard(lambda k, x, n: local("lax.while_loop", k, x, n)))(
+            kappa, x, n
+        )
+        assert_tree_allclose(
+            jax.jit(shard(lambda k, x, n: local(name, k, x, n)))(kappa, x, n), want
+        )
+        if name == "lax":
+            return
+
+        def loss(fn):
+            return lambda k, x: jnp.sum(shard(fn)(k, x, n) ** 2)
+
+        got = jax.jit(
+            jax.grad(loss(lambda k, x, n: local(name, k, x, n)), argnums=(0, 1))
+        )(kappa, x)
+        assert_tree_allclose(
+            got, jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(kappa, x)
+        )
+
+
+@pytest.mark.parametrize("name", ["checkpointed", "scan"])
+def test_shard_map_data_parallel_no_collective_in_loops(name):
+    """Data parallel inside `shard_map` (same trip count everywhere): the weights'
+    cotangent is summed over devices once, after the backward loop (`lax.scan`
+    sums it in every step)."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    w, y = _data(mesh, P("x", None), P())
+
+    def loss(fn):
+        def local(w, y):
+            return lax.psum(jnp.sum(fn(w, y) ** 2), "x")
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x")), out_specs=P())
+
+    grad = jax.jit(jax.grad(loss(lambda w, y: _loop(name, w, y)), argnums=(0, 1)))
+    assert collectives_in_loops(grad.lower(w, y).compile().as_text()) == 0
+    reference = jax.jit(jax.grad(loss(_reference), argnums=(0, 1)))
+    assert collectives_in_loops(reference.lower(w, y).compile().as_text()) > 0
+    assert_tree_allclose(grad(w, y), reference(w, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["checkpointed", "store_all", "bounded"])
+def test_sharded_buffers(name):
+    """A buffer sharded over an explicit axis (its columns), written once per step;
+    and inside `shard_map` with a trip count per device."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    w, y = _data(mesh, P(None, "x"), P())
+    buf = jax.device_put(
+        jnp.zeros((STEPS, 16, 8)), NamedSharding(mesh, P(None, None, "x"))
+    )
+    del w
+
+    def run(y, buf):
+        def body(c):
+            i, y, buf = c
+            return i + 1, jnp.sin(y) * 0.9, buf.at[i].set(y * y)
+
+        out = loopax.while_loop(
+            lambda c: c[0] < STEPS,
+            body,
+            (0, y, buf),
+            buffers=lambda c: c[2],
+            **LOOPS[name],
+        )
+        return jnp.sum(out[2] * jnp.arange(1.0, STEPS + 1.0)[:, None, None]) + jnp.sum(
+            out[1]
+        )
+
+    def reference(y, buf):
+        def step(c, i):
+            y, buf = c
+            return (jnp.sin(y) * 0.9, buf.at[i].set(y * y)), None
+
+        (y, buf), _ = lax.scan(step, (y, buf), jnp.arange(STEPS))
+        return jnp.sum(buf * jnp.arange(1.0, STEPS + 1.0)[:, None, None]) + jnp.sum(y)
+
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(run, argnums=(0, 1)))(y, buf)
+        assert jax.typeof(got[1]).sharding.spec == P(None, None, "x")
+        assert_tree_allclose(got, jax.jit(jax.grad(reference, argnums=(0, 1)))(y, buf))
+
+
+@pytest.mark.parametrize("name", ["checkpointed", "bounded"])
+def test_shard_map_buffer_trip_count_per_device(name, per_device_inputs):
+    mesh, kappa, x, n = per_device_inputs
+
+    def local(loop, k, x, n):
+        buf = lax.pcast(jnp.zeros((8, 2)), ("x",), to="varying")
+
+        def body(c):
+            i, y, buf = c
+            return i + 1, jnp.sin(y) * k, buf.at[i].set(y)
+
+        def cond(c):
+            return c[0] < n[0]
+
+        init = (0, x, buf)
+        if loop == "reference":
+            k = lax.pcast(k, ("x",), to="varying")
+
+            def advance(c):
+                i, y, buf = c
+                return i + 1, jnp.sin(y) * k, buf.at[i].set(y)
+
+            def step(c, i):
+                return lax.cond(i < n[0], advance, lambda c: c, c), None
+
+            out = lax.scan(step, init, jnp.arange(8))[0]
+        else:
+            out = loopax.while_loop(
+                cond, body, init, buffers=lambda c: c[2], **LOOPS[loop]
+            )
+        return jnp.sum(out[2] * jnp.arange(1.0, 9.0)[:, None]) + jnp.sum(out[1])
+
+    def loss(loop):
+        f = jax.shard_map(
+            lambda k, x, n: local(loop, k, x, n)[None],
+            mesh=mesh,
+            in_specs=(P(), P("x"), P("x")),
+            out_specs=P("x"),
+        )
+        return lambda k, x: jnp.sum(f(k, x, n))
+
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss(name), argnums=(0, 1)))(kappa, x)
+        want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1)))(kappa, x)
+        assert_tree_allclose(got, want, rtol=1e-5, atol=1e-6)
