@@ -17,13 +17,13 @@ import operator
 from collections.abc import Callable
 from typing import Any, Literal, SupportsIndex, TypeVar
 
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
 from ._buffer import Buffer, buffer_at_set
+from ._jax_internals import output_avals, row_struct, zeros
 from ._planning import checkpoints_for_budget
 from ._schedule import default_checkpoints, revolve_forward_slots
 from ._state import Loop
@@ -247,9 +247,10 @@ def scan(
                 init, memory_budget, buffers=buffers, max_steps=num_steps
             )
     del memory_budget
-    x_struct = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
-    y_struct = jax.eval_shape(lambda c, x: _check_f_output(c, f(c, x)), init, x_struct)
-    ys = jtu.tree_map(lambda y: jnp.zeros((num_steps, *y.shape), y.dtype), y_struct)
+    x_struct = jtu.tree_map(row_struct, xs)
+    y_struct = output_avals(lambda c, x: _check_f_output(c, f(c, x)), init, x_struct)
+    # Typed like `y` (sharding, varying mesh axes), one unsharded row per step.
+    ys = jtu.tree_map(lambda y: zeros(y, (num_steps,)), y_struct)
     if num_steps == 0:  # Nothing to run (and no row of `xs` to trace `f` with).
         return init, ys
 

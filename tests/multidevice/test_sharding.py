@@ -2,6 +2,8 @@
 axes, against `lax.scan` (every step stored) or the same computation done per
 device with `lax` control flow."""
 
+import functools as ft
+
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -482,3 +484,40 @@ def test_shard_map_buffer_trip_count_per_device(name, per_device_inputs):
         got = jax.jit(jax.grad(loss(name), argnums=(0, 1)))(kappa, x)
         want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1)))(kappa, x)
         assert_tree_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_lax_kind_stacked_outputs():
+    """`loopax.scan(kind="lax")` preallocates its stacked outputs: typed like `y`
+    on explicit axes and inside `shard_map`."""
+
+    def f(c, x):
+        return jnp.sin(c) * x, c * 2
+
+    def run(y, kind):
+        return loopax.scan(f, y, jnp.linspace(0.5, 1.5, 4), kind=kind)
+
+    def reference(y):
+        return lax.scan(f, y, jnp.linspace(0.5, 1.5, 4))
+
+    explicit = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+    y = jax.device_put(jnp.linspace(0.0, 1.0, 16), NamedSharding(explicit, P("x")))
+    with jax.set_mesh(explicit):
+        got = jax.jit(lambda y: run(y, "lax"))(y)
+        assert jax.typeof(got[1]).sharding.spec == P(None, "x")
+        assert_tree_allclose(got, reference(y))
+        assert_tree_allclose(
+            jax.jit(lambda y: jax.jvp(lambda y: run(y, "lax"), (y,), (y,)))(y),
+            jax.jvp(reference, (y,), (y,)),
+        )
+    auto = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    for kind in ("lax", "checkpointed"):
+        sharded = jax.shard_map(
+            ft.partial(run, kind=kind),
+            mesh=auto,
+            in_specs=P("x"),
+            out_specs=(P("x"), P(None, "x")),
+        )
+        assert_tree_allclose(
+            jax.jit(sharded)(jnp.linspace(0.0, 1.0, 16)),
+            reference(jnp.linspace(0.0, 1.0, 16)),
+        )

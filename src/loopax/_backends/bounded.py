@@ -122,12 +122,14 @@ def _vary_over_devices(loop: Loop, state: LoopState) -> tuple[LoopState, Callabl
     `cond` some devices skip). Where the trip count differs per device and a
     replicated carry leaf would still need such a sum, differentiating that leaf
     raises a clear error instead of deadlocking. Elsewhere: `loop.body`."""
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return state, loop.body  # Not inside `shard_map`: nothing varies.
     leaves, treedef = jtu.tree_flatten(state)
-    body = jax.make_jaxpr(loop.cond)(state)
-    axes = loop_axes([*body.out_avals, *(jax.typeof(x) for x in leaves)])
+    cond = jax.make_jaxpr(loop.cond)(state)
+    axes = loop_axes([*cond.out_avals, *(jax.typeof(x) for x in leaves)])
     if not axes:
         return state, loop.body
-    pred_varies = bool(varying_axes(body.out_avals[0]))
+    pred_varies = bool(varying_axes(cond.out_avals[0]))
     jaxpr = jax.make_jaxpr(loop.body)(state)
     step_fn = loop.body
     varied = vary_consts(jaxpr.consts, axes)
@@ -146,7 +148,7 @@ def _vary_over_devices(loop: Loop, state: LoopState) -> tuple[LoopState, Callabl
         ]:
             jaxpr, step_fn = new, hoisted
     if pred_varies:
-        message = VARYING_TRIP_COUNT_ERROR.format(axes=varying_axes(body.out_avals[0]))
+        message = VARYING_TRIP_COUNT_ERROR.format(axes=varying_axes(cond.out_avals[0]))
         leaves = [
             forward_only(x, message)
             if pvary_sources(jaxpr, [j == i for j in range(len(leaves))])
