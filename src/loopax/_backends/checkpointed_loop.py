@@ -148,22 +148,25 @@ def trace_loop(
 
         return consts, retrace(body_all, in_avals), retrace(cond_all, in_avals)
 
-    plain = trace(consts, call)
     # Inside `shard_map`: cast replicated constants to varying once, before the loop,
     # so that reverse mode sums their cotangents over devices after the backward loop
     # instead of inside it (see `_devices.py`).
     axes = loop_axes([*cond.out_avals, *avals])
     varied = vary_consts(consts, axes) if axes else None
-    if varied is None:
-        return plain
-    try:
-        hoisted = trace(varied, eval_jaxpr_varying)
-    except CannotVary:
-        return plain
-    carry_types = [varying_axes(a) for a in hoisted[1].out_avals[: len(avals)]]
-    if carry_types != [varying_axes(a) for a in avals]:
-        return plain  # A replicated carry leaf would become per-device.
-    return hoisted
+    if varied is not None:
+        try:
+            hoisted = trace(varied, eval_jaxpr_varying)
+        except CannotVary:
+            hoisted = None
+        carry_types = (
+            None
+            if hoisted is None
+            else [varying_axes(a) for a in hoisted[1].out_avals[: len(avals)]]
+        )
+        # Kept unless a replicated carry leaf would become per-device.
+        if hoisted is not None and carry_types == [varying_axes(a) for a in avals]:
+            return hoisted
+    return trace(consts, call)
 
 
 def bind_loop(
