@@ -289,23 +289,26 @@ def test_shard_map_replicated_carry_leaf(name, per_device_inputs):
 
 def test_memory_budget_is_per_device():
     """`memory_budget` counts the bytes one device holds of each sharded leaf: a
-    committed array, or a tracer on explicit axes; a replicated leaf counts whole."""
+    committed array, or a tracer on explicit axes; a replicated leaf counts whole.
+    (A 256 KiB carry, 32 KiB per device; 1 MiB holds 3 global copies, 31 per-device
+    ones, with the controllers' 1 KiB per slot.)"""
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
-    y = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P("x", None)))
-    assert loopax.checkpoints_for_budget(jnp.zeros((16, 8)), 1024) == 2
-    assert loopax.checkpoints_for_budget(y, 1024) == 16
-    replicated = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P()))
-    assert loopax.checkpoints_for_budget(replicated, 1024) == 2
+    y = jax.device_put(jnp.zeros((1024, 64)), NamedSharding(mesh, P("x", None)))
+    budget = 2**20
+    assert loopax.checkpoints_for_budget(jnp.zeros((1024, 64)), budget) == 3
+    assert loopax.checkpoints_for_budget(y, budget) == 31
+    replicated = jax.device_put(jnp.zeros((1024, 64)), NamedSharding(mesh, P()))
+    assert loopax.checkpoints_for_budget(replicated, budget) == 3
     with jax.set_mesh(mesh):
         counts = []
 
         @jax.jit
         def f(y):
-            counts.append(loopax.checkpoints_for_budget(y, 1024))
+            counts.append(loopax.checkpoints_for_budget(y, budget))
             return y
 
         f(y)
-    assert counts == [16]
+    assert counts == [31]
 
 
 @pytest.mark.parametrize(
