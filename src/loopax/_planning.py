@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -25,6 +26,8 @@ def _leaf_bytes(leaf: Any) -> int:
         leaf = leaf._array
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
         leaf = jnp.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.extended):  # A typed PRNG key.
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
     return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
 
@@ -80,7 +83,7 @@ class Schedule(_schedule.Schedule):
         the body's own working memory. On the store-all path (`stores_residuals`)
         the slots hold each step's VJP residuals, which may be larger than the carry.
         """
-        return self.peak_bytes(carry_bytes(carry, buffers))
+        return int(self.peak_bytes(carry_bytes(carry, buffers)))
 
 
 def schedule(
