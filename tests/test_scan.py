@@ -142,7 +142,9 @@ def test_lax_kind_is_a_plain_lax_scan():
     """`kind="lax"` is `lax.scan`: reverse mode stores every step, as there."""
 
     def loss(scan, c, reverse):
-        carry, ys = scan(lambda c, x: (c * x, jnp.sin(c)), c, XS["v"][0], reverse=reverse)
+        carry, ys = scan(
+            lambda c, x: (c * x, jnp.sin(c)), c, XS["v"][0], reverse=reverse
+        )
         return carry + ys.sum()
 
     for reverse in (False, True):
