@@ -177,7 +177,9 @@ class Loop:
             leaf = _unwrap(leaves[i])
             if jnp.ndim(leaf) == 0:
                 raise ValueError(
-                    SCALAR_BUFFER.format(name=self._names[i], description=describe(leaf))
+                    SCALAR_BUFFER.format(
+                        name=self._names[i], description=describe(leaf)
+                    )
                 )
         unwrapped = [_unwrap(x) for x in leaves]
         self._in_weak = tuple(is_weakly_typed(x) for x in unwrapped)
