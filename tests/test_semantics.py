@@ -141,8 +141,11 @@ def test_typed_keys_with_a_memory_budget():
         key, sub = jr.split(c[0])
         return key, c[1] + jr.normal(sub, (4,))
 
-    # One key is two uint32 words: 8 bytes, plus 16 for the floats.
-    assert loopax.checkpoints_for_budget(carry, 48) == 2
+    # One key is two uint32 words: 8 bytes, plus 16 for the floats; counted as such.
+    as_data = (jnp.zeros(2, jnp.uint32), jnp.zeros(4))
+    for budget in (2096, 10**6):
+        want = loopax.checkpoints_for_budget(as_data, budget)
+        assert loopax.checkpoints_for_budget(carry, budget) == want
     assert loopax.schedule(num_steps=4, checkpoints=2).peak_memory(carry) == 48
     loss = jax.jit(
         jax.grad(
@@ -152,7 +155,7 @@ def test_typed_keys_with_a_memory_budget():
                 (carry[0], carry[1] + x),
                 max_steps=4,
                 checkpoints="auto",
-                memory_budget=48,
+                memory_budget=2096,
             )[1].sum()
         )
     )
