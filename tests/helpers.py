@@ -145,3 +145,118 @@ def mixed_body(c):
         "scalar": c["scalar"] * 2,
         "module": Pair(c["module"].a - 1.0, c["module"].b + c["i"]),
     }
+
+
+# -- types: loopax gives exactly the dtypes and weak types of `jax.lax` ---------------
+
+
+def type_signature(fn, *args):
+    """`(dtype, shape, weak_type)` of every output leaf of `fn(*args)`, by tracing."""
+    out = jax.eval_shape(fn, *args)
+    return [(str(s.dtype), s.shape, bool(s.weak_type)) for s in jtu.tree_leaves(out)]
+
+
+def _default_float():
+    return jnp.result_type(float)
+
+
+# `(cond_fun, body_fun, init_val)` loops whose types `lax` decides by its rules for
+# weakly typed values: a Python scalar kept weak by the body, promoted to the body's
+# bfloat16 or float32 (float64 in x64 is promoted to float32), a weak int, a strong
+# init, a tuple mixing them, a weak init the body makes strong.
+TYPE_CASES = {
+    "weak-kept": (lambda c: c < 3, lambda c: c + 1, 1.0),
+    "weak-to-bf16": (
+        lambda c: c < 3,
+        lambda c: (c + 1).astype(jnp.bfloat16),
+        1.0,
+    ),
+    "weak-to-f32": (lambda c: c < 3, lambda c: c * jnp.float32(2), 1.0),
+    "weak-int": (lambda c: c < 3, lambda c: c + 1, 0),
+    "strong": (lambda c: c < 3, lambda c: c + 1, jnp.float32(1)),
+    "tuple": (
+        lambda c: c[0] < 3,
+        lambda c: (c[0] + 1, c[1] * jnp.float16(2)),
+        (0, 1.0),
+    ),
+    "weak-made-strong": (
+        lambda c: c < 3,
+        lambda c: c * jnp.ones((), _default_float()),
+        1.0,
+    ),
+}
+
+
+def type_mismatches(case) -> list[str]:
+    """Every front end and kind whose output types differ from `jax.lax`'s for a case
+    of `TYPE_CASES` (empty if none)."""
+    cond_fun, body_fun, init = TYPE_CASES[case]
+
+    def fori_body(i, c):
+        return body_fun(c)
+
+    def scan_body(c, x):
+        return body_fun(c), body_fun(c)
+
+    pairs = []
+    for kind in KINDS:
+        pairs += [
+            (
+                f"while_loop {kind}",
+                lambda k=kind: loopax.while_loop(
+                    cond_fun, body_fun, init, kind=k, max_steps=9
+                ),
+                lambda: lax.while_loop(cond_fun, body_fun, init),
+            ),
+            (
+                f"fori_loop {kind}",
+                lambda k=kind: loopax.fori_loop(0, 3, fori_body, init, kind=k),
+                lambda: lax.fori_loop(0, 3, fori_body, init),
+            ),
+            (
+                f"fori_loop traced {kind}",
+                lambda k=kind: jax.jit(
+                    lambda n: loopax.fori_loop(
+                        0, n, fori_body, init, kind=k, max_steps=9
+                    )
+                )(3),
+                lambda: jax.jit(lambda n: lax.fori_loop(0, n, fori_body, init))(3),
+            ),
+        ]
+    for kind in ("lax", "checkpointed"):
+        for length in (0, 3):
+            pairs.append(
+                (
+                    f"scan {kind} length={length}",
+                    lambda k=kind, n=length: loopax.scan(
+                        scan_body, init, length=n, kind=k
+                    ),
+                    lambda n=length: lax.scan(scan_body, init, length=n),
+                )
+            )
+    found = []
+    for what, got, want in pairs:
+        got, want = type_signature(got), type_signature(want)
+        if got != want:
+            found.append(f"{what}: {got} != lax's {want}")
+    return found
+
+
+def fori_index_type(fori_loop, lower, upper, **kwargs):
+    """`(dtype, weak_type)` of the index that `fori_loop` gives its body."""
+    seen = []
+
+    def body(i, v):
+        seen.append((str(i.dtype), bool(jax.typeof(i).weak_type)))
+        return v
+
+    jax.eval_shape(lambda: fori_loop(lower, upper, body, 0.0, **kwargs))
+    return seen[-1]
+
+
+FORI_BOUNDS = {
+    "ints": (0, 3),
+    "int16-and-int": (np.int16(0), 3),
+    "int-and-int16": (0, np.int16(3)),
+    "int16-arrays": (jnp.int16(0), jnp.int16(3)),
+}

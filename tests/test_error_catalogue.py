@@ -160,9 +160,23 @@ _TRIGGERS = {
     ),
     "scan-f-pair": lambda: loopax.scan(lambda c, x: c, 0.0, jnp.ones(2)),
     "scan-f-carry": lambda: loopax.scan(
-        lambda c, x: (c.astype(jnp.float16), x), jnp.array(0.0), jnp.ones(2)
+        lambda c, x: (c.astype(jnp.float16), x), jnp.float32(0.0), jnp.ones(2)
     ),
-    "fori-bounds-bool": lambda: loopax.fori_loop(True, 3, lambda i, v: v, 0.0),
+    "fori-bounds-shape": lambda: loopax.fori_loop(
+        0, jnp.ones(2, int), lambda i, v: v, 0.0
+    ),
+    "fori-bounds-dtypes": lambda: loopax.fori_loop(
+        jnp.int16(0), jnp.int32(3), lambda i, v: v, 0.0
+    ),
+    "checkpoint-bytes": lambda: loopax.while_loop(
+        lambda c: c[0, 0] < 3.0,
+        lambda c: c + 1.0,
+        jnp.zeros((1024, 1024)),
+        checkpoints=2**20 + 1,
+    ),
+    "buffer-returned-as-array": lambda: loopax.while_loop(
+        toy_cond, lambda c: (c[0] + 1, jnp.ones(3)), toy_init(), buffers=lambda c: c[1]
+    ),
     "fori-bounds-type": lambda: loopax.fori_loop(0, 3.0, lambda i, v: v, 0.0),
     "scan-reverse": lambda: loopax.scan(
         lambda c, x: (c, x), 0.0, jnp.ones(2), reverse=1
@@ -204,9 +218,6 @@ _TRIGGERS = {
     "lax-reverse-mode": lambda: jax.grad(
         lambda x: loopax.while_loop(toy_cond, toy_body, (0, x), kind="lax")[1].sum()
     )(jnp.ones(3)),
-    "scan-lax-reverse-mode": lambda: jax.grad(
-        lambda x: loopax.scan(lambda c, x: (c * x, x), x, jnp.ones(2), kind="lax")[0]
-    )(1.0),
     "needs-checkpoints": lambda: jax.grad(
         lambda x: loopax.while_loop(lambda c: c < 3.0, lambda c: c + x, x)
     )(1.0),

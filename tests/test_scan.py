@@ -138,13 +138,21 @@ def test_y_none_and_empty_xs():
     assert_tree_allclose(got, (jnp.float32(0.0), jnp.zeros((0, 2))))
 
 
-def test_lax_kind_rejects_reverse_mode():
-    with pytest.raises(ValueError, match=r"loopax\.scan\(\.\.\., kind='lax'\)"):
-        jax.grad(
-            lambda c: loopax.scan(
-                lambda c, x: (c * x, None), c, XS["v"][0], kind="lax"
-            )[0]
-        )(jnp.float32(1.0))
+def test_lax_kind_is_a_plain_lax_scan():
+    """`kind="lax"` is `lax.scan`: reverse mode stores every step, as there."""
+
+    def loss(scan, c, reverse):
+        carry, ys = scan(
+            lambda c, x: (c * x, jnp.sin(c)), c, XS["v"][0], reverse=reverse
+        )
+        return carry + ys.sum()
+
+    for reverse in (False, True):
+        got = jax.grad(ft.partial(loss, ft.partial(loopax.scan, kind="lax")))(
+            jnp.float32(1.5), reverse
+        )
+        want = jax.grad(ft.partial(loss, lax.scan))(jnp.float32(1.5), reverse)
+        assert_tree_allclose(got, want)
     # Forward mode works.
     jvp = jax.jvp(
         lambda c: loopax.scan(lambda c, x: (c * x, c), c, XS["v"][0], kind="lax"),

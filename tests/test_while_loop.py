@@ -338,7 +338,6 @@ def _loss(x):
         pytest.param(lambda x: jax.grad(jax.jit(_loss))(x), id="grad(jit)"),
         pytest.param(lambda x: jax.vjp(_nonlinear("lax"), x)[1](x), id="vjp"),
         pytest.param(lambda x: jax.jacrev(_nonlinear("lax"))(x), id="jacrev"),
-        pytest.param(lambda x: jax.linearize(_loss, x), id="linearize"),
         pytest.param(lambda x: jax.vmap(jax.grad(_loss))(x[None]), id="vmap(grad)"),
     ],
 )

@@ -5,18 +5,20 @@
 `lax.scan`; ours should name the loopax kinds that do support reverse mode. So the
 backend passes every differentiable input of the loop (the initial value and the
 body's closed-over arrays) through `forward_only`: an identity whose tangent is also
-passed through it, and whose partial-evaluation rule raises the given message when a
-tangent is *unknown* — which is exactly the moment reverse mode (`jax.linearize`,
-`jax.vjp`, `jax.grad`) starts splitting the loop into a primal and a linear part.
-Pure forward mode (`jax.jvp`, `jax.jacfwd`) never partially evaluates, so it is
-unaffected, and the marker lowers to nothing.
+passed through it, and whose *transpose* rule raises the given message. Forward mode
+(`jax.jvp`, `jax.jacfwd`) and `jax.linearize` (which partially evaluates the loop, as
+`lax.while_loop` allows, but transposes nothing) are unaffected, and the marker
+lowers to nothing. Reverse mode (`jax.vjp`, `jax.grad`, `jax.jacrev`) transposes the
+linear part: the backend marks the loop's outputs too, so the first transpose it
+reaches is a marker's, before `lax.while_loop`'s own, and the error is ours. It is
+raised when the gradient is traced (for `jax.vjp`, when its function is called).
 """
 
 import equinox as eqx
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from ._jax_internals import define_primitive, is_known, is_zero, stage_primitive
+from ._jax_internals import define_primitive, is_zero
 
 
 def _forward_only_jvp(primals, tangents, *, message):
@@ -31,10 +33,9 @@ def _forward_only_batch(args, dims, *, message):
     return forward_only_p.bind(x, message=message), dim
 
 
-def _forward_only_partial_eval(trace, tracer, *, message):
-    if not is_known(tracer):
-        raise ValueError(message)
-    return stage_primitive(trace, forward_only_p, (tracer,), dict(message=message))
+def _forward_only_transpose(ct, x, *, message):
+    del ct, x
+    raise ValueError(message)
 
 
 forward_only_p = define_primitive(
@@ -43,7 +44,7 @@ forward_only_p = define_primitive(
     abstract_eval=lambda x, *, message: x,
     jvp=_forward_only_jvp,
     batch=_forward_only_batch,
-    partial_eval=_forward_only_partial_eval,
+    transpose=_forward_only_transpose,
 )
 
 

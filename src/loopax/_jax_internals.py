@@ -36,6 +36,7 @@ from jax._src.interpreters import (
     batching as _batching_internal,
     partial_eval as _pe_internal,
 )
+from jax._src.lax import lax as _lax_internal
 from jax.core import ShapedArray
 from jax.interpreters import ad as _ad, batching as _batching, mlir as _mlir
 
@@ -394,6 +395,22 @@ def stacked_aval(num_rows: int, aval: Any) -> Any:
     """The aval of `num_rows` values of type `aval` stacked along a new axis 0
     (keeping the sharding and the varying mesh axes)."""
     return jex_core.unmapped_aval(num_rows, 0, aval)
+
+
+def is_weakly_typed(x: Any) -> bool:
+    """Whether `x` (an array, tracer, Python scalar or `jax.ShapeDtypeStruct`) is weakly
+    typed."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return bool(x.weak_type)
+    return bool(jax.typeof(x).weak_type)
+
+
+def with_weak_type(x: Any, weak: bool) -> Any:
+    """`x` (an array or tracer) with its weak type set to `weak`, value and dtype
+    unchanged (JAX has no public way to make an array weakly typed)."""
+    if is_weakly_typed(x) == weak:
+        return x
+    return _lax_internal._convert_element_type(x, weak_type=weak)
 
 
 def strong_aval(aval: Any) -> Any:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -26,8 +27,17 @@ def _leaf_bytes(leaf: Any) -> int:
         leaf = leaf._array
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
         leaf = jnp.asarray(leaf)
+    if _is_key(leaf):  # A typed PRNG key: count the bytes of its key data.
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        itemsize = math.prod(data.shape[len(leaf.shape) :]) * data.dtype.itemsize
+    else:
+        itemsize = np.dtype(leaf.dtype).itemsize
     # Per device: a sharded leaf's checkpoint is split over its shards.
-    return math.prod(per_device_shape(leaf)) * np.dtype(leaf.dtype).itemsize
+    return math.prod(per_device_shape(leaf)) * itemsize
+
+
+def _is_key(leaf: Any) -> bool:
+    return bool(jnp.issubdtype(leaf.dtype, jax.dtypes.extended))
 
 
 def carry_bytes(carry: Any, buffers: Callable[[Any], Any] | None = None) -> int:
@@ -82,7 +92,7 @@ class Schedule(_schedule.Schedule):
         the body's own working memory. On the store-all path (`stores_residuals`)
         the slots hold each step's VJP residuals, which may be larger than the carry.
         """
-        return self.peak_bytes(carry_bytes(carry, buffers))
+        return int(self.peak_bytes(carry_bytes(carry, buffers)))
 
 
 def schedule(

@@ -1,47 +1,39 @@
 """`loopax.scan`: `jax.lax.scan` with a bounded-memory, optimally recomputing gradient.
 
-The scan is rewritten as a while loop over the carry: step `i` (the loop's own step
-counter, `Loop(body_takes_step=True)`) reads `xs[i]` (`xs[length - 1 - i]` when
-`reverse`) and calls `f`. With `kind="checkpointed"` each
-step's `y` is a per-step output of the checkpointed loop, stacked by the loop itself
-(never stored in checkpoints; in reverse mode each step reads its own row of the
-cotangent, as in `lax.scan`). With `kind="lax"` the loop carries preallocated stacked
-outputs `ys` as buffers and writes `y` at the same index. Because the trip count is
-known before the loop starts, the forward
-sweep of the checkpointed kind stores states where revolve's first sweep would
-(`revolve_forward_slots`), and the whole gradient recomputes exactly the offline
-optimum.
+The scan is rewritten as a `Loop` over the carry whose body returns per-step outputs
+(`Loop(has_outputs=True)`). With `kind="lax"` it runs as a plain `lax.scan` of that
+body (reverse-mode differentiable by storing every step, as `lax.scan` is). With
+`kind="checkpointed"` step `i` (the loop's own step counter,
+`Loop(body_takes_step=True)`) reads `xs[i]` (`xs[length - 1 - i]` when `reverse`) and
+calls `f`; each step's `y` is a per-step output of the checkpointed loop, stacked by
+the loop itself (never stored in checkpoints; in reverse mode each step reads its own
+row of the cotangent, as in `lax.scan`). Because the trip count is known before the
+loop starts, the forward sweep of the checkpointed kind stores states where revolve's
+first sweep would (`revolve_forward_slots`), and the whole gradient recomputes exactly
+the offline optimum.
 """
 
-import operator
 from collections.abc import Callable
-from typing import Any, Literal, SupportsIndex, TypeVar
+from typing import Any, Literal, TypeVar
 
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backends.checkpointed import checkpointed_while_loop
-from ._backends.lax import lax_while_loop
-from ._buffer import Buffer, buffer_at_set
-from ._jax_internals import output_avals, row_struct, zeros
-from ._planning import checkpoints_for_budget
+from ._jax_internals import row_struct
 from ._schedule import default_checkpoints, revolve_forward_slots
 from ._state import Loop
-from ._while_loop import buffer_names, check_loop_options
-
-
-def _scan_names(f: Any) -> Callable[[Any], str | None]:
-    """`names` for the scan's `Loop` over `(init, ys)` or `(init,)`: the user's buffers
-    in `init` are named after `init` (or as `f` says); the stacked outputs `ys`, which
-    the scan itself writes once per row, have no name (and are not checked)."""
-    names = buffer_names(f, "init")
-
-    def scan_names(path):
-        if path and path[0] == jtu.SequenceKey(0):
-            return names(path[1:])
-        return None
-
-    return scan_names
+from ._validate import (
+    Names,
+    check_bool,
+    check_callable,
+    check_int,
+    check_loop_options,
+    describe,
+)
+from ._while_loop import check_checkpoints_fit, checkpoints_from_budget
 
 
 _Carry = TypeVar("_Carry")
@@ -50,38 +42,26 @@ _Y = TypeVar("_Y")
 
 SCAN_KINDS = ("lax", "checkpointed")
 
-_REVERSE_MODE_ERROR = (
-    "Reverse-mode differentiation (grad, vjp, jacrev, linearize) is not supported "
-    "by `loopax.scan(..., kind='lax')`, which runs as a plain `lax.while_loop` and "
-    "supports forward mode (jvp, jacfwd) only. Use kind='checkpointed' (optionally "
-    "with `checkpoints=`), or `jax.lax.scan` to store every step."
-)
-
-
-def _describe(x: Any) -> str:
-    return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
-
 
 def _scan_length(xs: Any, length: Any) -> int:
     """The number of steps: the common leading length of `xs`, or `length`."""
     if length is not None:
-        if isinstance(length, bool) or not isinstance(length, SupportsIndex):
-            raise TypeError(
-                f"`length` must be a non-negative integer or None, got {length!r}. "
-                "Pass the number of steps as a static Python int."
-            )
         try:
-            length = operator.index(length)
-        except TypeError as e:  # e.g. a traced integer.
+            length = check_int(
+                "length",
+                length,
+                minimum=0,
+                optional=True,
+                hint="Pass the number of steps as a static Python int.",
+            )
+        except TypeError as e:
+            if not isinstance(length, jax.Array):  # A tracer.
+                raise
             raise TypeError(
                 f"`length` must be a static Python int, got {length!r}. A scan's "
                 "length must be known when it is traced; for a traced trip count use "
                 "`loopax.fori_loop` or `loopax.while_loop`."
             ) from e
-        if length < 0:
-            raise ValueError(
-                f"`length` must be a non-negative integer or None, got {length}."
-            )
     paths = jtu.tree_flatten_with_path(xs)[0]
     lengths = {}
     for path, leaf in paths:
@@ -89,7 +69,7 @@ def _scan_length(xs: Any, length: Any) -> int:
         if len(shape) == 0:
             raise ValueError(
                 "Every array in `xs` must have a leading axis to scan over, but "
-                f"xs{jtu.keystr(path)} is a scalar ({_describe(leaf)}). Stack the "
+                f"xs{jtu.keystr(path)} is a scalar ({describe(leaf)}). Stack the "
                 "per-step inputs along axis 0."
             )
         lengths[jtu.keystr(path)] = shape[0]
@@ -116,31 +96,6 @@ def _scan_length(xs: Any, length: Any) -> int:
     return length
 
 
-def _check_f_output(init: Any, out: Any) -> Any:
-    """Check that `f` returned `(carry, y)` with the carry matching `init`; return
-    the `y` part."""
-    if not (isinstance(out, tuple | list) and len(out) == 2):
-        raise TypeError(
-            "`f` must return a pair `(carry, y)`, as for `jax.lax.scan`, but it "
-            f"returned {jtu.tree_structure(out)}."
-        )
-    carry, y = out
-    want = [
-        (jtu.keystr(p), _describe(x)) for p, x in jtu.tree_flatten_with_path(init)[0]
-    ]
-    got = [
-        (jtu.keystr(p), _describe(x)) for p, x in jtu.tree_flatten_with_path(carry)[0]
-    ]
-    if jtu.tree_structure(init) != jtu.tree_structure(carry) or want != got:
-        raise TypeError(
-            "`f` must return a carry with the same structure, shapes and dtypes as "
-            f"`init`:\n  init:   {want}\n  output: {got}\nCast the outputs to the "
-            "input dtypes (e.g. `x.astype(old.dtype)`) and keep the same pytree "
-            "structure."
-        )
-    return y
-
-
 def scan(
     f: Callable[[_Carry, _X], tuple[_Carry, _Y]],
     init: _Carry,
@@ -157,7 +112,7 @@ def scan(
     r"""A `jax.lax.scan` whose gradient stores only `checkpoints` carries.
 
     Returns exactly what `lax.scan(f, init, xs, length, reverse=reverse)` returns: the
-    final carry and the stacked outputs. Reverse mode through `lax.scan` stores every
+    final carry and the stacked outputs, with the same dtypes and weak types. Reverse mode through `lax.scan` stores every
     step; here it stores at most `checkpoints` carries (besides `init`) and recomputes
     the rest, as few of them as possible: as the number of steps $n$ is known up front,
     the checkpoints are placed by Griewank and Walther's revolve, and one gradient
@@ -168,10 +123,11 @@ def scan(
     are written in place, one row per step, and are never stored in checkpoints.
 
     Both kinds support `jit`, `vmap` and forward mode (`jvp`, `jacfwd`: one loop, no
-    checkpoints); reverse mode (`grad`, `vjp`, `jacrev`, and so `jax.hessian`) needs
-    `kind="checkpointed"`, as in [What each kind supports](../index.md#what-each-kind-supports).
-    The algorithm is in [How checkpointing works](../how-it-works.md) (see its
-    References).
+    checkpoints). Reverse mode (`grad`, `vjp`, `jacrev`, and so `jax.hessian`):
+    `kind="checkpointed"` stores `checkpoints` carries and recomputes the rest
+    optimally; `kind="lax"` is a plain `lax.scan`, which stores every step. See
+    [What each kind supports](../index.md#what-each-kind-supports). The algorithm is
+    in [How checkpointing works](../how-it-works.md) (see its References).
 
     **Arguments:**
 
@@ -183,12 +139,13 @@ def scan(
     - `length`: the number of steps, a static int; optional when `xs` has arrays.
     - `reverse`: if True, step `i` reads `xs[length - 1 - i]` and writes
         `ys[length - 1 - i]`, as `jax.lax.scan(..., reverse=True)`.
-    - `kind`: `"checkpointed"` (default) or `"lax"`; see above.
+    - `kind`: `"checkpointed"` (default) or `"lax"` (a plain `lax.scan`); see above.
     - `checkpoints`: for `kind="checkpointed"`, how many carries the backward pass may
         store besides `init`: a positive int, `"all"` to store every step (no
         recomputation, the memory of `lax.scan`), `"auto"` with `memory_budget` for
         as many as fit the budget, or `None` (default) for
-        $\max(1, \lceil \log_2(n + 1) \rceil)$. Ignored by `kind="lax"`.
+        $\max(1, \lceil \log_2(n + 1) \rceil)$. Ignored by `kind="lax"` (which
+        stores every step, as `lax.scan`).
     - `memory_budget`: with `checkpoints="auto"` only: the bytes the checkpoints may
         take, an int or a string such as `"2GiB"`; the number of checkpoints is the
         largest whose copies of the carry (buffers excluded) fit, at most `length`
@@ -212,19 +169,16 @@ def scan(
         cotangent the size of `xs` that is added to the running total: the backward
         sweep costs $O(n \cdot |xs|)$ additions besides the VJPs. Keep `xs` small, or
         pass the inputs through the carry.
-
     """
-    if not callable(f):
-        raise TypeError(f"`f` must be callable, `(carry, x) -> (carry, y)`, got {f!r}.")
+    check_callable("f", f, "`(carry, x) -> (carry, y)`")
     if not isinstance(kind, str) or kind not in SCAN_KINDS:
         raise ValueError(
             f"`kind` must be 'lax' or 'checkpointed' for `loopax.scan`, got {kind!r}. "
             "Use kind='checkpointed' for reverse mode with a fixed memory budget "
             "(the length of a scan is known, so kind='bounded' has nothing to add), "
-            "or kind='lax' for forward mode only."
+            "or kind='lax' for a plain `lax.scan` (its gradient stores every step)."
         )
-    if not isinstance(reverse, bool):
-        raise TypeError(f"`reverse` must be a bool, got {reverse!r}.")
+    check_bool("reverse", reverse, "Pass reverse=True to scan from the last step.")
     xs = jtu.tree_map(jnp.asarray, xs)
     num_steps = _scan_length(xs, length)
     check_loop_options(
@@ -239,114 +193,108 @@ def scan(
     )
     del length
     init = jtu.tree_map(jnp.asarray, init)
-    if isinstance(checkpoints, str) and checkpoints == "auto":  # With `memory_budget`.
-        assert memory_budget is not None
-        checkpoints = None
-        if kind == "checkpointed":
-            checkpoints = checkpoints_for_budget(
-                init, memory_budget, buffers=buffers, max_steps=num_steps
-            )
+    checkpoints = checkpoints_from_budget(
+        checkpoints, memory_budget, kind, init, buffers, num_steps
+    )
     del memory_budget
+    return run_scan(
+        f,
+        init,
+        xs,
+        num_steps,
+        reverse=reverse,
+        kind=kind,
+        checkpoints=checkpoints,
+        buffers=buffers,
+        check_buffers=check_buffers,
+        names=Names(body="f", carry="init"),
+    )
+
+
+def _always(carry: Any) -> Any:
+    # The loop's step counter runs to `max_steps`, the scan's length.
+    del carry
+    return jnp.array(True)
+
+
+def run_scan(
+    f: Callable,
+    init: Any,
+    xs: Any,
+    num_steps: int,
+    *,
+    reverse: bool,
+    kind: str,
+    checkpoints: int | str | None,
+    buffers: Callable[[Any], Any] | None,
+    check_buffers: bool,
+    names: Names,
+) -> tuple[Any, Any]:
+    """`loopax.scan` after validation, with `names` for the errors (front ends that
+    wrap the user's carry pass theirs)."""
+    # One row of `xs`, typed like it (sharding over explicit axes, varying axes).
     x_struct = jtu.tree_map(row_struct, xs)
-    y_struct = output_avals(lambda c, x: _check_f_output(c, f(c, x)), init, x_struct)
-    # Typed like `y` (sharding, varying mesh axes), one unsharded row per step.
-    ys = jtu.tree_map(lambda y: zeros(y, (num_steps,)), y_struct)
-    if num_steps == 0:  # Nothing to run (and no row of `xs` to trace `f` with).
-        return init, ys
 
-    def cond_fun(c):
-        # The loop's own step counter (`body_takes_step`) runs to `max_steps`.
-        del c
-        return jnp.array(True)
+    def f_pair(carry, x):
+        out = f(carry, x)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"`{names.body}` must return a pair `(carry, y)`, as for "
+                f"`jax.lax.scan`, but it returned {jtu.tree_structure(out)}."
+            )
+        return tuple(out)
 
-    def step(i, carry):
-        """Step `i` of the scan: the new carry, the output `y` and its row."""
-        index = num_steps - 1 - i if reverse else i
-        carry, y = f(carry, jtu.tree_map(lambda a: a[index], xs))
-        return carry, y, index
-
-    user_buffers = buffers
-    names = _scan_names(f)
-    del buffers
-    if kind == "lax":
-        return _scan_with_ys_in_carry(
-            cond_fun, step, init, ys, num_steps, user_buffers, names, check_buffers
+    if kind == "lax" or num_steps == 0:  # (No row of `xs` to index when n = 0.)
+        loop = Loop(
+            _always,
+            f_pair,
+            init,
+            num_steps,
+            buffers,
+            names=names,
+            check_buffers=check_buffers,
+            xs=(x_struct,),
+            has_outputs=True,
         )
+        final, ys = lax.scan(
+            loop.body, loop.init(), xs, length=num_steps, reverse=reverse
+        )
+        return loop.final_value(final.value), loop.final_outputs(ys)
     if kind != "checkpointed":
         raise ValueError(
             f"`kind` must be one of {', '.join(map(repr, SCAN_KINDS))}, got {kind!r}."
         )
+
+    def step(i, carry):
+        """Step `i` of the scan: `f` on row `i` of `xs` (`n - 1 - i` if `reverse`)."""
+        index = num_steps - 1 - i if reverse else i
+        return f_pair(carry, jtu.tree_map(lambda a: a[index], xs))
+
+    loop = Loop(
+        _always,
+        step,
+        init,
+        num_steps,
+        buffers,
+        names=names,
+        check_buffers=check_buffers,
+        body_takes_step=True,
+        has_outputs=True,
+    )
     if checkpoints is None:
         checkpoints = default_checkpoints(num_steps)
     elif checkpoints == "all":
         checkpoints = max(num_steps, 1)
     assert isinstance(checkpoints, int)
+    check_checkpoints_fit(min(checkpoints, num_steps), init, buffers)
     table = (
         revolve_forward_slots(num_steps, checkpoints)
         if checkpoints < num_steps
         else None
     )
-    # The outputs are per-step outputs of the loop (not a carried buffer): reverse mode
-    # then reads one row of their cotangent per step, as `lax.scan` does.
-    outputs = []
-
-    def body_fun(i, c):
-        (carry,) = c
-        carry, y, _ = step(i, carry)
-        outputs.append(y)
-        return (carry,)
-
-    loop = Loop(
-        cond_fun,
-        body_fun,
-        (init,),
-        num_steps,
-        None if user_buffers is None else lambda c: user_buffers(c[0]),
-        check_names=names if check_buffers else None,
-        names=names,
-        body_takes_step=True,
-    )
     final, ys = checkpointed_while_loop(
-        loop,
-        checkpoints=checkpoints,
-        forward_slots=table,
-        step_outputs=lambda: outputs.pop(),
+        loop, checkpoints=checkpoints, forward_slots=table
     )
     if reverse:  # Row k holds step k's output, which belongs at row n - 1 - k.
         ys = jtu.tree_map(lambda a: a[::-1], ys)
-    (carry,) = loop.final_value(final.value)
-    return carry, ys
-
-
-def _scan_with_ys_in_carry(
-    cond_fun, step, init, ys, num_steps, user_buffers, names, check_buffers
-):
-    """`kind="lax"`: the outputs are buffers in the carry of a `lax.while_loop`."""
-
-    def body_fun(i, c):
-        carry, ys = c
-        carry, y, index = step(i, carry)
-        ys = jtu.tree_map(
-            lambda buf, v: buffer_at_set(buf, index, v),
-            ys,
-            y,
-            is_leaf=lambda b: isinstance(b, Buffer),
-        )
-        return carry, ys
-
-    def loop_buffers(c):
-        return (None if user_buffers is None else user_buffers(c[0])), c[1]
-
-    loop = Loop(
-        cond_fun,
-        body_fun,
-        (init, ys),
-        num_steps,
-        loop_buffers,
-        check_names=names if check_buffers else None,
-        names=names,
-        body_takes_step=True,
-    )
-    final = lax_while_loop(loop, reverse_mode_error=_REVERSE_MODE_ERROR)
-    carry, ys = loop.final_value(final.value)
-    return carry, ys
+    return loop.final_value(final.value), loop.final_outputs(ys)

@@ -1,170 +1,75 @@
 """`loopax.while_loop`: validate, normalise, dispatch on `kind`."""
 
-import operator
 from collections.abc import Callable
-from typing import Any, Literal, SupportsIndex, TypeVar
+from typing import Any, Literal, TypeVar
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backends.bounded import bounded_while_loop
 from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
+from ._buffer import Buffer
 from ._custom_types import KINDS, Kind
-from ._planning import checkpoints_for_budget
-from ._schedule import parse_memory_budget
+from ._planning import carry_bytes, checkpoints_for_budget
 from ._state import Loop
+from ._validate import (
+    Names,
+    check_callable,
+    check_checkpoint_bytes,
+    check_loop_options,
+)
+
+
+def _is_buffer(x: Any) -> bool:
+    return isinstance(x, Buffer)
+
+
+def physical_struct(x: Any) -> Any:
+    """The shape and dtype `x` (an array, array-like or `Buffer`) takes in memory, as
+    a `jax.ShapeDtypeStruct`: a typed PRNG key (an extended dtype) as its key data."""
+    while isinstance(x, Buffer):
+        x = x._array
+    struct = jax.eval_shape(jnp.asarray, x)
+    if jnp.issubdtype(struct.dtype, jax.dtypes.extended):
+        struct = jax.eval_shape(jax.random.key_data, struct)
+    return struct
 
 
 _Carry = TypeVar("_Carry")
 
 
-_MAX_STEPS_LIMIT = 2**31 - 1
-
-
-def _check_int(
-    name: str, value: Any, *, minimum: int, optional: bool, hint: str
-) -> int | None:
-    """Return `value` as an `int` if it is an integer >= `minimum` (or `None` if
-    `optional`); otherwise raise: `TypeError` for a non-integer (bools included),
-    `ValueError` for an integer below `minimum`."""
-    if value is None and optional:
-        return None
-    if minimum == 0:
-        wanted = "a non-negative integer"
-    elif minimum == 1:
-        wanted = "a positive integer"
-    else:
-        wanted = f"an integer >= {minimum}"
-    if optional:
-        wanted += " or None"
-    message = f"`{name}` must be {wanted}, got {value!r}. {hint}"
-    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
-        raise TypeError(message)
-    try:
-        index = operator.index(value)
-    except TypeError as e:  # e.g. a traced integer: must be static.
-        raise TypeError(message + " It must be a static Python int.") from e
-    if index < minimum:
-        raise ValueError(message)
-    return index
-
-
-def check_loop_options(
-    *,
-    kind: Any,
-    max_steps: Any,
+def checkpoints_from_budget(
     checkpoints: Any,
-    base: Any,
-    buffers: Any,
-    memory_budget: Any = None,
-    allow_all: bool = False,
-    check_buffers: Any = False,
-) -> int | None:
-    """Validate the options shared by every loopax front end; return `max_steps`.
-
-    `checkpoints` may be the string `"auto"`, which needs `memory_budget` (and
-    `memory_budget` needs `checkpoints="auto"`). With `allow_all` (front ends whose
-    trip count is known), `checkpoints` may also be the string `"all"`: store every
-    step.
-    """
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise ValueError(
-            f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}. "
-            "Use kind='lax' for forward mode only, kind='checkpointed' for reverse "
-            "mode with a fixed memory budget, kind='bounded' for reverse mode up to "
-            "`max_steps`."
-        )
-    max_steps = _check_int(
-        "max_steps",
-        max_steps,
-        minimum=0,
-        optional=True,
-        hint="Pass an int bound on the number of body calls, or None for no bound.",
+    memory_budget: Any,
+    kind: str,
+    init_val: Any,
+    buffers: Callable[[Any], Any] | None,
+    max_steps: int | None,
+) -> Any:
+    """`checkpoints` with `"auto"` replaced by the count that fits `memory_budget`
+    (`None` for kinds other than `"checkpointed"`)."""
+    if not (isinstance(checkpoints, str) and checkpoints == "auto"):
+        return checkpoints
+    assert memory_budget is not None  # Validated: "auto" needs a budget.
+    if kind != "checkpointed":
+        return None
+    return checkpoints_for_budget(
+        jtu.tree_map(physical_struct, init_val, is_leaf=_is_buffer),
+        memory_budget,
+        buffers=buffers,
+        max_steps=max_steps,
     )
-    if max_steps is not None and max_steps > _MAX_STEPS_LIMIT:
-        # The step counter is an int32: a larger bound would overflow it silently.
-        raise ValueError(
-            f"`max_steps` must be at most 2**31 - 1 = {_MAX_STEPS_LIMIT} (loops count "
-            f"their steps in int32), got {max_steps}. Pass a smaller bound, or "
-            "`max_steps=None` for no bound."
-        )
-    named = ("all", "auto") if allow_all else ("auto",)
-    auto = isinstance(checkpoints, str) and checkpoints == "auto"
-    if not (isinstance(checkpoints, str) and checkpoints in named):
-        _check_int(
-            "checkpoints",
-            checkpoints,
-            minimum=1,
-            optional=True,
-            hint="Pass how many loop states the backward pass may store (e.g. 16), "
-            + ("'all' to store every step, " if allow_all else "")
-            + "'auto' with `memory_budget=` to fit a memory budget, "
-            + "or None for the default.",
-        )
-    if auto and memory_budget is None:
-        raise ValueError(
-            "checkpoints='auto' needs `memory_budget`: pass the bytes the checkpoints "
-            'may take, e.g. `memory_budget="2GiB"`, or an int `checkpoints=`.'
-        )
-    if memory_budget is not None:
-        if not auto:
-            raise ValueError(
-                f"`memory_budget` is used only with checkpoints='auto', got "
-                f"checkpoints={checkpoints!r}. Pass checkpoints='auto' to choose the "
-                "number of checkpoints from the budget, or drop `memory_budget`."
-            )
-        parse_memory_budget(memory_budget)
-    _check_int(
-        "base",
-        base,
-        minimum=2,
-        optional=False,
-        hint="Pass the length of the innermost scan of kind='bounded', e.g. 16.",
-    )
-    if buffers is not None and not callable(buffers):
-        raise TypeError(
-            "`buffers` must be None or a function from the carry to some of its "
-            f"arrays, got {buffers!r}. Pass e.g. `buffers=lambda carry: carry[1]`."
-        )
-    if kind == "bounded" and max_steps is None:
-        raise ValueError(
-            "kind='bounded' needs `max_steps`: pass an int bound, or use "
-            "kind='checkpointed'."
-        )
-    _check_check_buffers(check_buffers)
-    return max_steps
 
 
-def _check_check_buffers(check_buffers: Any) -> None:
-    if not isinstance(check_buffers, bool):
-        raise TypeError(
-            f"`check_buffers` must be a bool, got {check_buffers!r}. Pass "
-            "check_buffers=True to check the buffer contract at run time (a debugging "
-            "aid), or leave it False (the default, no cost)."
-        )
-
-
-# With `check_buffers=True`, a buffer is named in errors by its key path in the
-# carry argument (`init_val['out']`). A front end that wraps the user's carry in a
-# bigger one (`loopax.fori_loop`) sets this attribute on the body it passes on: a
-# function from a leaf's key path in the carry it passes to the name to report.
-BUFFER_NAMES_ATTR = "_loopax_buffer_names"
-
-
-def buffer_names(body: Any, argument: str) -> Callable[[Any], str | None]:
-    """`check_names` for `Loop`: as `body` says, else the path in `argument`."""
-    names = getattr(body, BUFFER_NAMES_ATTR, None)
-    if names is not None:
-        return names
-    return lambda path: argument + jtu.keystr(path)
-
-
-def _check_callable(name: str, fn: Any) -> None:
-    if not callable(fn):
-        raise TypeError(
-            f"`{name}` must be callable (a function of the carry), got {fn!r}."
-        )
+def check_checkpoints_fit(
+    checkpoints: Any, init_val: Any, buffers: Callable[[Any], Any] | None
+) -> None:
+    """Refuse an int `checkpoints` whose stack could never be allocated."""
+    if isinstance(checkpoints, int) and checkpoints > 1:
+        structs = jtu.tree_map(physical_struct, init_val, is_leaf=_is_buffer)
+        check_checkpoint_bytes(checkpoints, carry_bytes(structs, buffers))
 
 
 def while_loop(
@@ -183,12 +88,14 @@ def while_loop(
     """A `jax.lax.while_loop` that you can choose to differentiate in reverse mode.
 
     Returns exactly what `lax.while_loop(cond_fun, body_fun, init_val)` returns (same
-    structure, shapes, dtypes) for every `kind`; the kinds differ in which
-    transformations they support and what reverse mode costs: `"lax"` is forward
-    mode only; `"checkpointed"` (the default) supports every transformation, its
-    `jvp` one loop like `"lax"`'s, its reverse mode storing `checkpoints` states and
-    recomputing the rest; `"bounded"` unrolls into nested `lax.scan`s up to
-    `max_steps`. The full table is [What each kind supports](../index.md#what-each-kind-supports);
+    structure, shapes, dtypes and weak types; a Python scalar in `init_val` is promoted
+    to the body's dtype as `lax` promotes it) for every `kind`; the kinds differ in
+    which transformations they support and what reverse mode costs: `"lax"` is
+    forward mode only (`jvp`, `jacfwd`, `linearize`); `"checkpointed"` (the default)
+    supports every transformation, its `jvp` one loop like `"lax"`'s, its reverse
+    mode storing `checkpoints` states and recomputing the rest; `"bounded"` unrolls
+    into nested `lax.scan`s up to `max_steps`. The full table is
+    [What each kind supports](../index.md#what-each-kind-supports);
     [Choosing a kind](../choosing-a-kind.md) says which to use.
 
     Under `vmap` with a batched predicate the batch runs in lock-step until every
@@ -239,8 +146,8 @@ def while_loop(
         at most once, read only after it was written. It is checked only with
         `check_buffers=True`.
     """
-    _check_callable("cond_fun", cond_fun)
-    _check_callable("body_fun", body_fun)
+    check_callable("cond_fun", cond_fun, "a function of the carry")
+    check_callable("body_fun", body_fun, "a function of the carry")
     max_steps = check_loop_options(
         kind=kind,
         max_steps=max_steps,
@@ -251,22 +158,50 @@ def while_loop(
         check_buffers=check_buffers,
     )
     init_val = jtu.tree_map(jnp.asarray, init_val)
-    if isinstance(checkpoints, str):  # "auto"; validated: `memory_budget` is given.
-        assert memory_budget is not None
-        checkpoints = None
-        if kind == "checkpointed":
-            checkpoints = checkpoints_for_budget(
-                init_val, memory_budget, buffers=buffers, max_steps=max_steps
-            )
+    checkpoints = checkpoints_from_budget(
+        checkpoints, memory_budget, kind, init_val, buffers, max_steps
+    )
     del memory_budget
+    return run_while_loop(
+        cond_fun,
+        body_fun,
+        init_val,
+        kind=kind,
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+        buffers=buffers,
+        base=base,
+        check_buffers=check_buffers,
+        names=Names(),
+    )
+
+
+def run_while_loop(
+    cond_fun: Callable,
+    body_fun: Callable,
+    init_val: Any,
+    *,
+    kind: str,
+    max_steps: int | None,
+    checkpoints: Any,
+    buffers: Callable[[Any], Any] | None,
+    base: int,
+    check_buffers: bool,
+    names: Names,
+) -> Any:
+    """`loopax.while_loop` after validation, with `names` for the errors (front ends
+    that wrap the user's carry pass theirs)."""
+    if kind == "checkpointed" and isinstance(checkpoints, int):
+        stored = checkpoints if max_steps is None else min(checkpoints, max_steps)
+        check_checkpoints_fit(stored, init_val, buffers)
     loop = Loop(
         cond_fun,
         body_fun,
         init_val,
         max_steps,
         buffers,
-        check_names=buffer_names(body_fun, "init_val") if check_buffers else None,
-        names=buffer_names(body_fun, "init_val"),
+        names=names,
+        check_buffers=check_buffers,
     )
     del cond_fun, body_fun, init_val, buffers
     if kind == "lax":

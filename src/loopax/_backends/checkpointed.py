@@ -22,12 +22,10 @@ transposed steps. The backward sweeps are built from the same primitive, so they
 can be differentiated again (`grad` of `grad`) in bounded memory.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, PyTree
 
 from .._schedule import default_checkpoints
 from .._state import Loop
@@ -49,7 +47,6 @@ def checkpointed_while_loop(
     *,
     checkpoints: int | None,
     forward_slots: np.ndarray | None = None,
-    step_outputs: Callable[[], PyTree[Array]] | None = None,
 ) -> Any:
     """Run `loop` as a `lax.while_loop` whose reverse mode uses `checkpoints` slots.
 
@@ -59,10 +56,9 @@ def checkpointed_while_loop(
     decisions up in this table instead of running the online rule. The loop must run
     at most `len(forward_slots)` steps: `loop.max_steps` must equal it.
 
-    `step_outputs`, for `loopax.scan`'s stacked outputs: called right after each trace
-    of `loop.body`, it returns that step's outputs `y`, which are stacked along a new
-    leading axis of `loop.max_steps` rows (row `k` from step `k`) and returned with
-    the final state, as `(state, ys)`. They are per-step outputs of the loop, not
+    A loop with per-step outputs (`Loop(has_outputs=True)`, `loopax.scan`'s `y`s)
+    returns `(state, ys)`: the outputs stacked along a new leading axis of
+    `loop.max_steps` rows (row `k` from step `k`). They are per-step outputs of the loop, not
     carried buffers: in reverse mode each step reads its own row of their cotangent,
     as `lax.scan` does, instead of carrying a buffer-sized cotangent through the
     backward sweep.
@@ -110,15 +106,15 @@ def checkpointed_while_loop(
 
     init_state = loop.init()
     leaves, state_def = jtu.tree_flatten(init_state)
-    ys_def = []
+    with_outputs = loop.has_outputs
+    ys_def = jtu.tree_structure(loop.output_struct)
 
     def body(c):
-        out = jtu.tree_leaves(loop.body(jtu.tree_unflatten(state_def, c)))
-        if step_outputs is None:
-            return out
-        ys, treedef = jtu.tree_flatten(step_outputs())
-        ys_def.append(treedef)
-        return [*out, *ys]
+        out = loop.body(jtu.tree_unflatten(state_def, c))
+        if not with_outputs:
+            return jtu.tree_leaves(out)
+        state, ys = out
+        return [*jtu.tree_leaves(state), *ys_def.flatten_up_to(ys)]
 
     out = bind_loop(
         lambda c: loop.cond(jtu.tree_unflatten(state_def, c)),
@@ -132,6 +128,6 @@ def checkpointed_while_loop(
         forward_slots=None if forward_slots is None else forward_slots.tolist(),
     )
     state = jtu.tree_unflatten(state_def, out[: len(leaves)])
-    if step_outputs is None:
+    if not with_outputs:
         return state
-    return state, jtu.tree_unflatten(ys_def[-1], out[len(leaves) :])
+    return state, jtu.tree_unflatten(ys_def, out[len(leaves) :])

@@ -8,9 +8,9 @@ from .._state import Loop, LoopState
 
 
 _REVERSE_MODE_ERROR = (
-    "Reverse-mode differentiation (grad, vjp, jacrev, linearize) is not supported "
+    "Reverse-mode differentiation (grad, vjp, jacrev) is not supported "
     "by `loopax.while_loop(..., kind='lax')`, which is a plain `lax.while_loop` and "
-    "supports forward mode (jvp, jacfwd) only. Use kind='checkpointed' (optionally "
+    "supports forward mode (jvp, jacfwd, linearize) only. Use kind='checkpointed' (optionally "
     "with `checkpoints=` or `max_steps=`) or kind='bounded' (with `max_steps=`) "
     "instead."
 )
@@ -29,4 +29,6 @@ def lax_while_loop(
     body = eqx.filter_closure_convert(loop.body, init_state)
     body = forward_only(body, reverse_mode_error)
     init_state = forward_only(init_state, reverse_mode_error)
-    return lax.while_loop(loop.cond, lambda state: body(state), init_state)
+    final = lax.while_loop(loop.cond, lambda state: body(state), init_state)
+    # Reverse mode reaches the outputs' markers first, before `lax.while_loop`.
+    return forward_only(final, reverse_mode_error)

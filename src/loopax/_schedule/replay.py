@@ -32,7 +32,11 @@ class Schedule:
     - `num_forward`: body evaluations of the forward sweep, `n`.
     - `num_recomputed`: body evaluations spent recomputing states in the backward sweep.
     - `num_vjp`: VJPs of the body, `n`.
-    - `total_evaluations`: `num_forward + num_recomputed + num_vjp`.
+    - `total_evaluations`: `num_forward + num_recomputed + num_vjp`: body
+        evaluations plus VJPs, each VJP counted as one evaluation (it costs about one
+        body evaluation and its transpose). On the store-all path
+        (`stores_residuals`) a VJP does not call the body again, so the body runs
+        `num_forward + num_recomputed` times, not `total_evaluations`.
     - `peak_slots_used`: the largest number of slots holding a state at any time.
     - `stores_residuals`: True on the store-all path (`checkpoints >= max_steps`): like
         `lax.scan`, the forward sweep stores each step's VJP residuals (slot `k - 1`
