@@ -127,6 +127,33 @@ def _diffrax_unsafe_brownian():
     )
 
 
+def _replicated_leaf_with_per_device_trip_count():
+    """One device is enough: the predicate's type varies over the mesh axis."""
+    mesh = jax.make_mesh((1,), ("x",))
+    spec = jax.sharding.PartitionSpec("x")
+
+    def per_device(t0, x):
+        def body(c):
+            i, t, y = c
+            return i + 1, t * 0.5, jnp.sin(y) * t
+
+        steps = jnp.round(x[0] * 3).astype(jnp.int32)  # varies over "x"
+        out = loopax.while_loop(lambda c: c[0] < steps, body, (0, t0, x), checkpoints=2)
+        return out[2]
+
+    def loss(t0, x):
+        shard = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(jax.sharding.PartitionSpec(), spec),
+            out_specs=spec,
+        )
+        return jnp.sum(shard(t0, x) ** 2)
+
+    x = jax.device_put(jnp.array([0.5, 1.0]), jax.sharding.NamedSharding(mesh, spec))
+    jax.grad(loss)(jnp.array(0.9), x)
+
+
 _TRIGGERS = {
     "kind": lambda: toy_loop(kind="foo"),
     "scan-kind": lambda: loopax.scan(
@@ -244,6 +271,7 @@ _TRIGGERS = {
     "plot-needs-matplotlib": _no_matplotlib,
     "clients-missing": _client_missing,
     "diffrax-unsafe-brownian": _diffrax_unsafe_brownian,
+    "shard-map-varying-trip-count": _replicated_leaf_with_per_device_trip_count,
     "internal": lambda: trace(
         types.SimpleNamespace(actions=[("bogus", 0, 0)], num_forward=0)
     ),
