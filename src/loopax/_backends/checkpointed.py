@@ -63,30 +63,10 @@ def checkpointed_while_loop(
     as `lax.scan` does, instead of carrying a buffer-sized cotangent through the
     backward sweep.
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{griewank2000revolve,
-            author = {Griewank, Andreas and Walther, Andrea},
-            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                     Reverse or Adjoint Mode of Computational Differentiation},
-            journal = {ACM Trans. Math. Softw.},
-            volume = {26}, number = {1}, pages = {19--45}, year = {2000},
-        }
-        @article{stumm2010online,
-            author = {Stumm, Philipp and Walther, Andrea},
-            title = {New Algorithms for Optimal Online Checkpointing},
-            journal = {SIAM J. Sci. Comput.},
-            volume = {32}, number = {2}, pages = {836--854}, year = {2010},
-        }
-        @article{wang2009minimal,
-            author = {Wang, Qiqi and Moin, Parviz and Iaccarino, Gianluca},
-            title = {Minimal Repetition Dynamic Checkpointing Algorithm for Unsteady
-                     Adjoint Calculation},
-            journal = {SIAM J. Sci. Comput.},
-            volume = {31}, number = {4}, pages = {2549--2567}, year = {2009},
-        }
-        ```
+    References: Griewank & Walther (2000), *Algorithm 799: Revolve*; Stumm & Walther
+    (2010), *New algorithms for optimal online checkpointing*; Wang, Moin & Iaccarino
+    (2009), *Minimal repetition dynamic checkpointing* (full entries:
+    docs/how-it-works.md, References).
     """
     if checkpoints is None:
         if loop.max_steps is None:

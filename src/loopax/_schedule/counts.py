@@ -17,20 +17,8 @@ Everything here is checked against the exact replay (`replay.py`, which runs the
 rules step by step) over a grid of `(n, c)` in the tests: if the online rule changes,
 `online_positions` must change with it.
 
-??? cite "References"
-
-    ```bibtex
-    @article{griewank2000revolve,
-        author = {Griewank, Andreas and Walther, Andrea},
-        title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                 Reverse or Adjoint Mode of Computational Differentiation},
-        journal = {ACM Transactions on Mathematical Software},
-        volume = {26},
-        number = {1},
-        pages = {19--45},
-        year = {2000},
-    }
-    ```
+References: Griewank & Walther (2000), *Algorithm 799: Revolve* (full entries:
+docs/how-it-works.md, References).
 """
 
 import itertools

@@ -9,21 +9,8 @@ The split rule is written once against an array namespace `xp` (either `numpy` o
 `jax.numpy`) on int32 scalars, so that the very same code runs eagerly in
 `loopax.schedule(...)` and traced inside the backward sweep of the compiled loop.
 
-??? cite "References"
-
-    ```bibtex
-    @article{griewank2000revolve,
-        author = {Griewank, Andreas and Walther, Andrea},
-        title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                 Reverse or Adjoint Mode of Computational Differentiation},
-        journal = {ACM Transactions on Mathematical Software},
-        volume = {26},
-        number = {1},
-        pages = {19--45},
-        year = {2000},
-        doi = {10.1145/347837.347846},
-    }
-    ```
+References: Griewank & Walther (2000), *Algorithm 799: Revolve* (full entries:
+docs/how-it-works.md, References).
 """
 
 import functools as ft
@@ -103,20 +90,8 @@ def revolve_cost(length: int, free_slots: int) -> int:
 
     The number of body evaluations besides the VJPs, a Python int.
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{griewank2000revolve,
-            author = {Griewank, Andreas and Walther, Andrea},
-            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                     Reverse or Adjoint Mode of Computational Differentiation},
-            journal = {ACM Transactions on Mathematical Software},
-            volume = {26},
-            number = {1},
-            pages = {19--45},
-            year = {2000},
-        }
-        ```
+    References: Griewank & Walther (2000), *Algorithm 799: Revolve* (full entries:
+    docs/how-it-works.md, References).
     """
     if length <= 1:
         return 0
@@ -311,20 +286,8 @@ def revolve_split(length, free_slots, xp):
 
     The offset `j`, `1 <= j <= length - 1`, of the next checkpoint, an int32 scalar.
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{griewank2000revolve,
-            author = {Griewank, Andreas and Walther, Andrea},
-            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                     Reverse or Adjoint Mode of Computational Differentiation},
-            journal = {ACM Transactions on Mathematical Software},
-            volume = {26},
-            number = {1},
-            pages = {19--45},
-            year = {2000},
-        }
-        ```
+    References: Griewank & Walther (2000), *Algorithm 799: Revolve* (full entries:
+    docs/how-it-works.md, References).
     """
     if xp is np and np.ndim(length) == 0 and np.ndim(free_slots) == 0:
         # The eager replay asks for the same few splits over and over.
@@ -381,20 +344,8 @@ def revolve_forward_slots(num_steps: int, checkpoints: int) -> np.ndarray:
     A read-only int32 NumPy array of length `num_steps`: entry `k - 1` is the slot for
     `x_k`, or -1. The slots used are `0, 1, ...` in the order they are filled.
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{griewank2000revolve,
-            author = {Griewank, Andreas and Walther, Andrea},
-            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                     Reverse or Adjoint Mode of Computational Differentiation},
-            journal = {ACM Transactions on Mathematical Software},
-            volume = {26},
-            number = {1},
-            pages = {19--45},
-            year = {2000},
-        }
-        ```
+    References: Griewank & Walther (2000), *Algorithm 799: Revolve* (full entries:
+    docs/how-it-works.md, References).
     """
     return _revolve_forward_slots(int(num_steps), int(checkpoints))
 

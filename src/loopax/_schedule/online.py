@@ -89,39 +89,10 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     A pair `(slot, new_state)`: `slot` is the int32 slot to store `x_step` into, or -1
     to not store it.
 
-    ??? cite "References"
-
-        ```bibtex
-        @article{griewank2000revolve,
-            author = {Griewank, Andreas and Walther, Andrea},
-            title = {Algorithm 799: Revolve: An Implementation of Checkpointing for the
-                     Reverse or Adjoint Mode of Computational Differentiation},
-            journal = {ACM Transactions on Mathematical Software},
-            volume = {26},
-            number = {1},
-            pages = {19--45},
-            year = {2000},
-        }
-        @article{stumm2010online,
-            author = {Stumm, Philipp and Walther, Andrea},
-            title = {New Algorithms for Optimal Online Checkpointing},
-            journal = {SIAM Journal on Scientific Computing},
-            volume = {32},
-            number = {2},
-            pages = {836--854},
-            year = {2010},
-        }
-        @article{wang2009minimal,
-            author = {Wang, Qiqi and Moin, Parviz and Iaccarino, Gianluca},
-            title = {Minimal Repetition Dynamic Checkpointing Algorithm for Unsteady
-                     Adjoint Calculation},
-            journal = {SIAM Journal on Scientific Computing},
-            volume = {31},
-            number = {4},
-            pages = {2549--2567},
-            year = {2009},
-        }
-        ```
+    References: Griewank & Walther (2000), *Algorithm 799: Revolve*; Stumm & Walther
+    (2010), *New algorithms for optimal online checkpointing*; Wang, Moin & Iaccarino
+    (2009), *Minimal repetition dynamic checkpointing* (full entries:
+    docs/how-it-works.md, References).
     """
     pos = state.slot_pos
     step = xp.asarray(step, dtype=xp.int32)
