@@ -384,13 +384,6 @@ def row_struct(x: Any) -> jax.ShapeDtypeStruct:
     return shape_struct(row_aval(jax.typeof(x)))
 
 
-def output_avals(fn: Callable, *args) -> Any:
-    """The avals of `fn(*args)` (a pytree), with their shardings and varying axes
-    (`jax.eval_shape` drops the varying axes)."""
-    jaxpr, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-    return jax.tree.unflatten(jax.tree.structure(shapes), jaxpr.out_avals)
-
-
 def stacked_aval(num_rows: int, aval: Any) -> Any:
     """The aval of `num_rows` values of type `aval` stacked along a new axis 0
     (keeping the sharding and the varying mesh axes)."""
