@@ -123,11 +123,6 @@ _BODY_MESSAGE = (
             id="dtype",
         ),
         pytest.param(
-            lambda c: (c[0].astype(jnp.float32), c[1]),
-            r">> \[0\]: input int32\[\], output float32\[\]",
-            id="int-to-float",
-        ),
-        pytest.param(
             lambda c: (c[0] + 1, c[1], c[1]),
             r">> \[2\]: input \(missing\), output float32\[3\]",
             id="extra-leaf",
@@ -148,6 +143,22 @@ def test_body_output_differs(kind, body, detail):
     with pytest.raises(TypeError, match=_BODY_MESSAGE) as info:
         loopax.while_loop(toy_cond, body, toy_init(), **loop_kwargs(kind))
     assert re.search(detail, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_body_output_int_to_float_with_a_strong_counter(kind):
+    """A strongly typed counter that the body turns into a float is an error. (A
+    weakly typed one, like `jnp.array(0)`, is promoted to float as `lax.while_loop`
+    promotes it; see test_semantics.py.)"""
+    init = (jnp.array(0, jnp.int32), jnp.ones(3))
+    with pytest.raises(TypeError, match=_BODY_MESSAGE) as info:
+        loopax.while_loop(
+            toy_cond,
+            lambda c: (c[0].astype(jnp.float32), c[1]),
+            init,
+            **loop_kwargs(kind),
+        )
+    assert re.search(r">> \[0\]: input int32\[\], output float32\[\]", str(info.value))
 
 
 def test_body_output_message_lists_unchanged_leaves_unmarked():
