@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -128,3 +129,18 @@ def rk4_step(params: dict, y, dt: float):
     k3 = vector_field(y + 0.5 * dt * k2)
     k4 = vector_field(y + dt * k3)
     return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def stencil_grad(while_loop, num_steps: int):
+    """The gradient of the large-state benchmark: `num_steps` steps of a diffusion
+    stencil plus a sine term on a 1-D state, run by `while_loop(cond, body, init)`."""
+
+    def loss(y0):
+        def body(carry):
+            i, y = carry
+            laplacian = jnp.roll(y, 1) - 2 * y + jnp.roll(y, -1)
+            return i + 1, y + 0.01 * laplacian + 0.001 * jnp.sin(y)
+
+        return while_loop(lambda c: c[0] < num_steps, body, (0, y0))[1].sum()
+
+    return jax.grad(loss)

@@ -33,6 +33,7 @@ from _common import (
     mlp_params,
     print_table,
     rk4_step,
+    stencil_grad,
     write_json,
 )
 
@@ -207,15 +208,7 @@ def large_state(num_steps: int, repeats: int, checkpoints=(4, 16)) -> list[dict]
     carry_bytes = 4 * size + 4
 
     def make(while_loop):
-        def loss(y0):
-            def body(carry):
-                i, y = carry
-                laplacian = jnp.roll(y, 1) - 2 * y + jnp.roll(y, -1)
-                return i + 1, y + 0.01 * laplacian + 0.001 * jnp.sin(y)
-
-            return while_loop(lambda c: c[0] < num_steps, body, (0, y0))[1].sum()
-
-        return jax.grad(loss)
+        return stencil_grad(while_loop, num_steps)
 
     y0 = jnp.ones(size)
     rows = []

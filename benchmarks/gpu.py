@@ -51,6 +51,7 @@ from _common import (
     measure_interleaved,
     mlp_params,
     print_table,
+    stencil_grad,
     verdict,
     write_json,
 )
@@ -99,15 +100,7 @@ def large_state(size: int, num_steps: int, repeats: int, checkpoints=(4, 16)):
     carry_bytes = 4 * size + 4
 
     def make(while_loop):
-        def loss(y0):
-            def body(carry):
-                i, y = carry
-                laplacian = jnp.roll(y, 1) - 2 * y + jnp.roll(y, -1)
-                return i + 1, y + 0.01 * laplacian + 0.001 * jnp.sin(y)
-
-            return while_loop(lambda c: c[0] < num_steps, body, (0, y0))[1].sum()
-
-        return jax.grad(loss)
+        return stencil_grad(while_loop, num_steps)
 
     y0 = jnp.ones(size)
     rows = []
