@@ -142,28 +142,57 @@ def test_violation_in_a_finished_batch_element_is_ignored():
         fn(jnp.stack([_X, _X]), jnp.array([2, 3]))
 
 
-def test_violation_is_caught_without_jit_and_under_disable_jit():
+def test_violation_without_jit_is_loopax_error_alone():
+    """Called outside any transformation, the loop raises loopax's error itself (not
+    JAX's runtime error with a Python stack before the message)."""
     body = _make_body(write_at=0)
     message = _VIOLATIONS["second-write"][0]
-    with pytest.raises(RuntimeError, match=message):
-        _run(_X, body=body, kind="lax")
-    with jax.disable_jit(), pytest.raises(RuntimeError, match=message):
+    with pytest.raises(loopax.BufferContractError) as info:
+        _run(_X, body=body, kind="checkpointed")
+    assert re.search(message, str(info.value)), str(info.value)
+    assert str(info.value).startswith("loopax check_buffers=True: second write")
+    assert not isinstance(info.value, jax.errors.JaxRuntimeError)
+    with jax.disable_jit(), pytest.raises(loopax.BufferContractError, match=message):
         _run(_X, body=body, kind="lax")
     with jax.disable_jit():
         good = _run(_X, body=_make_body(), kind="lax")
     assert_tree_allclose(good, _run(_X, body=_make_body(), kind="lax"))
 
 
-def test_jit_error_carries_loopax_message_without_other_advice():
-    """Under `jax.jit` the run-time error ends with loopax's message and says nothing
-    else of its own (no advice to wrap the program in another transformation)."""
-    with pytest.raises(RuntimeError) as info:
+def test_scan_violation_without_jit_is_loopax_error_alone():
+    def f(buf, x):
+        return buf.at[0].set(x), None
+
+    for kind in ["lax", "checkpointed"]:
+        with pytest.raises(loopax.BufferContractError, match="second write"):
+            loopax.scan(
+                f,
+                jnp.zeros(3),
+                jnp.arange(2.0),
+                kind=kind,
+                buffers=lambda c: c,
+                check_buffers=True,
+            )
+
+
+def test_jit_error_shows_loopax_message_first_and_alone(capfd):
+    """Under `jax.jit` JAX's runtime error puts a Python stack before loopax's
+    message: loopax writes the message to stderr first, and the error itself ends
+    with it and gives no advice of its own (no other transformation to wrap in)."""
+    capfd.readouterr()
+    with pytest.raises(jax.errors.JaxRuntimeError) as info:
         jax.jit(lambda x: _run(x, body=_make_body(write_at=0), kind="lax"))(_X)
     text = str(info.value)
     last = text.strip().splitlines()[-1]
     assert re.search(_VIOLATIONS["second-write"][0], last), text
     assert last.startswith("BufferContractError: loopax check_buffers=True"), text
     assert "filter_jit" not in text and "EQX_ON_ERROR" not in text, text
+    printed = capfd.readouterr().err.strip().splitlines()
+    assert printed, "nothing written to stderr"
+    assert printed[0].startswith(
+        "loopax.BufferContractError: loopax check_buffers=True: second write"
+    ), printed
+    assert len(printed) == 1, printed
 
 
 def test_reads_in_cond_fun_are_checked():

@@ -3,6 +3,7 @@
 from importlib.metadata import version as _version
 
 from ._buffer import Buffer as Buffer, buffer_at_set as buffer_at_set
+from ._check_buffers import BufferContractError as BufferContractError
 from ._fori_loop import fori_loop as fori_loop
 from ._planning import (
     Schedule as Schedule,

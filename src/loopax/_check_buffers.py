@@ -14,11 +14,16 @@ it:
 
 The error names the buffer by its path in the carry the user passed (e.g.
 `init_val['out']`) and the offending index. A failed check raises
-`BufferContractError` with loopax's message alone, from a `jax.debug.callback` that
-runs only when some check failed (a `lax.cond` on the unbatched "any failed" flag):
-under `jit` JAX reports it as a `JaxRuntimeError` whose message ends with ours, and
-without `jit` it is raised as it is. Under `vmap` the callback runs per batch element,
-and the first offending element's index is reported.
+`BufferContractError` from a `jax.debug.callback` that runs only when some check failed
+(a `lax.cond` on the unbatched "any failed" flag). The loop always runs compiled, and
+JAX reports an exception raised in a callback as a `JaxRuntimeError` whose text is a
+Python stack followed by our message. So that the user reads loopax's message first:
+a loop called eagerly (no tracer among its inputs) catches that error and raises
+`BufferContractError` with the message alone (`reporting_contract_errors`); inside a
+trace (under the user's `jax.jit`), where no loopax code runs after the program, the
+callback writes the message to stderr before it raises, ahead of JAX's report. Under
+`vmap` the callback runs per batch element, and the first offending element's index is
+reported.
 
 Nothing here runs unless `check_buffers=True`: with the default `False` no mask exists
 and `Buffer` takes its unchecked path, so the traced program is unchanged.
@@ -26,7 +31,8 @@ and `Buffer` takes its unchecked path, so the traced program is unchanged.
 
 import functools as ft
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool
 
+from ._jax_internals import is_tracer
 from ._unvmap import unvmap_any
 
 
@@ -61,7 +68,17 @@ OUT_OF_BOUNDS = (
 
 
 class BufferContractError(RuntimeError):
-    """A buffer access broke the buffer contract (raised with `check_buffers=True`)."""
+    """A buffer access broke the buffer contract: raised while the loop runs, with
+    `check_buffers=True`.
+
+    A loop called outside any transformation raises it as it is. Inside `jax.jit`
+    (or another trace) JAX reports it as a `jax.errors.JaxRuntimeError` whose text
+    ends with this error's; loopax also writes the message to stderr first.
+    [The error catalogue](../errors.md#run-time-buffer-checks) lists the messages.
+    """
+
+
+BufferContractError.__module__ = "loopax"
 
 
 class _IndexMessages(Sequence[str]):
@@ -111,10 +128,46 @@ def _quiet_callback_log() -> None:
         logger.addFilter(_SKIP_OWN_ERRORS)
 
 
+class _EagerRun:
+    """The failure message of the loop now running eagerly inside
+    `reporting_contract_errors` (which re-raises it cleanly), or `None`."""
+
+    active: int = 0
+    message: str | None = None
+
+
 def _raise_if(bad: Any, code: Any, *, messages: _IndexMessages) -> None:
     """Host side of a failed check: raise loopax's message for this element."""
     if bool(np.any(bad)):
-        raise BufferContractError(messages[int(np.max(code))])
+        message = messages[int(np.max(code))]
+        if _EagerRun.active:
+            _EagerRun.message = message
+        else:  # JAX's report puts a stack before the message: show it first.
+            print(f"loopax.BufferContractError: {message}", file=sys.stderr)
+            sys.stderr.flush()
+        raise BufferContractError(message)
+
+
+def reporting_contract_errors(
+    check_buffers: bool, init_val: Any, run: Callable[[], Any]
+) -> Any:
+    """`run()`, a loop's run. If it runs eagerly (no tracer in `init_val`), a failed
+    check surfaces as `BufferContractError` with loopax's message alone instead of
+    JAX's `JaxRuntimeError` (a Python stack, then the message); the outputs are waited
+    for here, so that the failure of an asynchronous run is seen here too."""
+    if not check_buffers or any(map(is_tracer, jax.tree_util.tree_leaves(init_val))):
+        return run()
+    _EagerRun.active += 1
+    _EagerRun.message = None
+    try:
+        return jax.block_until_ready(run())
+    except jax.errors.JaxRuntimeError:
+        message = _EagerRun.message
+        if message is None:
+            raise
+        raise BufferContractError(message) from None
+    finally:
+        _EagerRun.active -= 1
 
 
 def _error_if(x: Any, bad: Any, code: Any, messages: _IndexMessages) -> Any:

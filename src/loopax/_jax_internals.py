@@ -330,6 +330,11 @@ def invariant_aval(aval: Any) -> Any:
     return aval.update(manual_axis_type=mat.update(varying=frozenset()))
 
 
+def is_tracer(x: Any) -> bool:
+    """Whether `x` is a tracer (a value of a trace in progress), not a concrete array."""
+    return isinstance(x, _core.Tracer)
+
+
 def per_device_shape(x: Any) -> tuple[int, ...]:
     """The shape of the part of `x` (an array, a tracer or a `ShapeDtypeStruct`) one
     device holds, where its sharding is known at trace time: a committed array's or

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backends.checkpointed import checkpointed_while_loop
+from ._check_buffers import reporting_contract_errors
 from ._jax_internals import row_struct
 from ._schedule import default_checkpoints, revolve_forward_slots
 from ._state import Loop
@@ -256,10 +257,14 @@ def run_scan(
             xs=(x_struct,),
             has_outputs=True,
         )
-        final, ys = lax.scan(
-            loop.body, loop.init(), xs, length=num_steps, reverse=reverse
-        )
-        return loop.final_value(final.value), loop.final_outputs(ys)
+
+        def run_lax():
+            final, ys = lax.scan(
+                loop.body, loop.init(), xs, length=num_steps, reverse=reverse
+            )
+            return loop.final_value(final.value), loop.final_outputs(ys)
+
+        return reporting_contract_errors(check_buffers, init, run_lax)
     if kind != "checkpointed":
         raise ValueError(
             f"`kind` must be one of {', '.join(map(repr, SCAN_KINDS))}, got {kind!r}."
@@ -292,9 +297,13 @@ def run_scan(
         if checkpoints < num_steps
         else None
     )
-    final, ys = checkpointed_while_loop(
-        loop, checkpoints=checkpoints, forward_slots=table
-    )
-    if reverse:  # Row k holds step k's output, which belongs at row n - 1 - k.
-        ys = jtu.tree_map(lambda a: a[::-1], ys)
-    return loop.final_value(final.value), loop.final_outputs(ys)
+
+    def run_checkpointed():
+        final, ys = checkpointed_while_loop(
+            loop, checkpoints=checkpoints, forward_slots=table
+        )
+        if reverse:  # Row k holds step k's output, which belongs at row n - 1 - k.
+            ys = jtu.tree_map(lambda a: a[::-1], ys)
+        return loop.final_value(final.value), loop.final_outputs(ys)
+
+    return reporting_contract_errors(check_buffers, init, run_checkpointed)

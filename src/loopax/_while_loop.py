@@ -11,6 +11,7 @@ from ._backends.bounded import bounded_while_loop
 from ._backends.checkpointed import checkpointed_while_loop
 from ._backends.lax import lax_while_loop
 from ._buffer import Buffer
+from ._check_buffers import reporting_contract_errors
 from ._custom_types import KINDS, Kind
 from ._planning import carry_bytes, checkpoints_for_budget
 from ._state import Loop
@@ -203,15 +204,19 @@ def run_while_loop(
         names=names,
         check_buffers=check_buffers,
     )
-    del cond_fun, body_fun, init_val, buffers
-    if kind == "lax":
-        final = lax_while_loop(loop)
-    elif kind == "checkpointed":
-        final = checkpointed_while_loop(loop, checkpoints=checkpoints)
-    elif kind == "bounded":
-        final = bounded_while_loop(loop, base=base)
-    else:
+    del cond_fun, body_fun, buffers
+    if kind not in KINDS:
         raise ValueError(
             f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}."
         )
-    return loop.final_value(final.value)
+
+    def run():
+        if kind == "lax":
+            final = lax_while_loop(loop)
+        elif kind == "checkpointed":
+            final = checkpointed_while_loop(loop, checkpoints=checkpoints)
+        else:
+            final = bounded_while_loop(loop, base=base)
+        return loop.final_value(final.value)
+
+    return reporting_contract_errors(check_buffers, init_val, run)
