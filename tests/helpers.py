@@ -179,6 +179,12 @@ TYPE_CASES = {
         lambda c: (c[0] + 1, c[1] * jnp.float16(2)),
         (0, 1.0),
     ),
+    # A strong carry that the body replaces by a Python scalar: `lax` returns it weak.
+    "strong-made-weak": (
+        lambda c: c[0] < 3,
+        lambda c: (c[0] + 1, 1.0),
+        (jnp.int32(0), jnp.ones((), _default_float())),
+    ),
     "weak-made-strong": (
         lambda c: c < 3,
         lambda c: c * jnp.ones((), _default_float()),

@@ -121,8 +121,9 @@ class Loop:
     as `lax` does; `cond_fun` and `body_fun` see each leaf with the weak type `lax`
     would give it; and `final_value` carries the weak types of the body's output.
     Backends see strongly typed leaves only. Finding the promotions and output weak
-    types traces the body once more (`jax.eval_shape`), only when a leaf of
-    `init_val` is weakly typed or `has_outputs`.
+    types traces the body once more (`jax.eval_shape`) only when a leaf of
+    `init_val` is weakly typed or `has_outputs`; otherwise nothing is promoted and
+    the output weak types are read from the backend's trace of `body`.
     """
 
     def __init__(
@@ -186,8 +187,9 @@ class Loop:
         value = self._join(jtu.tree_unflatten(treedef, unwrapped), dict(masks))
         self.is_buffer = (*is_buffer, *(False for _ in masks))
         # Promote weakly typed leaves as `lax.while_loop` does, then read the weak
-        # types of the body's output.
-        self._out_weak = tuple(False for _ in leaves)
+        # types of the body's output. With strong inputs only nothing is promoted,
+        # and the weak types are read when the backend traces `body` (`None` until).
+        self._out_weak: tuple[bool, ...] | None = None
         self.output_struct = None
         if has_outputs or any(self._in_weak):
             carry, ys = self._trace_body(value, xs)
@@ -295,6 +297,9 @@ class Loop:
     def final_value(self, value: PyTree[Array]) -> PyTree[Any]:
         """The carry to return to the user: the weak types `lax.while_loop` would
         give, outer loops' `Buffer`s wrapped back up."""
+        if self._out_weak is None:  # A backend that never traced `body`.
+            carry, _ = self._trace_body(self.init_value, ())
+            self._out_weak = tuple(map(is_weakly_typed, carry))
         value, written = self._split(value)
         leaves = [
             with_weak_type(x, w)
@@ -401,6 +406,8 @@ class Loop:
         written = self._written_after(out, written)
         out = unwrapped
         values, treedef = jtu.tree_flatten(value)
+        if self._out_weak is None:
+            self._out_weak = tuple(map(is_weakly_typed, treedef.flatten_up_to(out)))
         new_leaves = [
             jnp.asarray(new, old.dtype)
             if shown
