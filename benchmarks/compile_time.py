@@ -10,19 +10,33 @@ medians of `--rounds` rounds:
 - **lower**: jaxpr to StableHLO — `.lower()`;
 - **compile**: XLA's optimisation and code generation — `.compile()`.
 
-It also reports the optimized HLO's size (instructions) and how many copies of the
+Each stage is timed twice: wall clock, and the process's CPU time (`*_cpu_s`). Pinned
+to one core (`taskset -c 1`) on a shared machine, the wall clock counts the time other
+processes hold the core; the CPU time does not, so its ratios stay meaningful under
+load (the compile is single-threaded there). Rounds alternate the libraries' order.
+
+It also reports the optimized HLO's size (instructions), how many copies of the
 loop body it holds (counted by the body's distinctive `tanh`: one per RK4 stage, so
-copies = tanh count / 4).
+copies = tanh count / 4) and, with `--kernels`, the number of LLVM kernels XLA:CPU
+compiles and their LLVM seconds (from XLA's log, in a subprocess per case). On
+XLA:CPU the compile time is roughly proportional to the number of kernels: every
+fusion, and every small `dot` (emitted as its own loop nest), is a separately
+compiled LLVM module (~5-15 ms each on this machine), so a computation costs compile
+time by the kernels it adds, not by its instructions.
 
 Workload: the RK4 neural ODE (state 64, MLP width 128, N = 1000 steps) of
 `against_equinox.py`, first order (gradient) at c = 8, 32, 128 and store-all, and
 second order (gradient of the gradient's norm) at c = 8.
 
-Run: `python benchmarks/compile_time.py [--quick] [--rounds R]`.
+Run: `python benchmarks/compile_time.py [--quick] [--rounds R] [--kernels]`.
 """
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import equinox.internal as eqxi
@@ -78,30 +92,56 @@ def second_order(loss):
 
 
 def stages(fn, args) -> dict:
-    """Seconds per stage with cold caches, and the optimized HLO's size."""
+    """Seconds per stage (wall clock and CPU) with cold caches, and the optimized
+    HLO's size."""
     jax.clear_caches()
-    start = time.perf_counter()
+    clocks = [(time.perf_counter(), time.process_time())]
     traced = jax.jit(fn).trace(*args)
-    trace_s = time.perf_counter() - start
-    start = time.perf_counter()
+    clocks.append((time.perf_counter(), time.process_time()))
     lowered = traced.lower()
-    lower_s = time.perf_counter() - start
-    start = time.perf_counter()
+    clocks.append((time.perf_counter(), time.process_time()))
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+    clocks.append((time.perf_counter(), time.process_time()))
     hlo = compiled.as_text() or ""
-    instructions = sum(1 for line in hlo.splitlines() if " = " in line)
-    return dict(
-        trace_s=trace_s,
-        lower_s=lower_s,
-        compile_s=compile_s,
-        total_s=trace_s + lower_s + compile_s,
-        hlo_instructions=instructions,
-        body_copies=hlo.count(" tanh(") / 4,
-    )
+    out = {}
+    stage_names = ("trace", "lower", "compile")
+    for clock, suffix in ((0, "_s"), (1, "_cpu_s")):
+        for i, stage in enumerate(stage_names):
+            out[stage + suffix] = clocks[i + 1][clock] - clocks[i][clock]
+        out["total" + suffix] = clocks[-1][clock] - clocks[0][clock]
+    out["hlo_instructions"] = sum(1 for line in hlo.splitlines() if " = " in line)
+    out["body_copies"] = hlo.count(" tanh(") / 4
+    return out
 
 
-def main(quick: bool, rounds: int):
+_KERNEL_LOG = re.compile(r"Compiled LLVM module: \S+ time: ([\d.]+) (s|ms|us) ")
+_MARK = "@@ compile_time: kernels from here"
+
+
+def kernels(order: str, checkpoints: int, library: str) -> dict:
+    """The LLVM kernels XLA:CPU compiles for one case, and their LLVM seconds, read
+    from XLA's log in a fresh process (the log must be configured before jax loads)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=1")
+    probe = [sys.executable, __file__, "--probe", order, str(checkpoints), library]
+    log = subprocess.run(probe, env=env, capture_output=True, text=True).stderr
+    times = [
+        float(m[1]) * {"s": 1, "ms": 1e-3, "us": 1e-6}[m[2]]
+        for m in _KERNEL_LOG.finditer(log.partition(_MARK)[2])
+    ]
+    return dict(kernels=len(times), llvm_s=sum(times))
+
+
+def probe(order: str, checkpoints: int, library: str):
+    """Compile one case once (run by `kernels` in a subprocess)."""
+    params = mlp_params(jr.PRNGKey(0), STATE, WIDTH)
+    y0 = jr.normal(jr.PRNGKey(1), (STATE,))
+    transform = first_order if order == "grad" else second_order
+    lowered = jax.jit(transform(loss_for(library, checkpoints))).lower(params, y0)
+    print(_MARK, file=sys.stderr, flush=True)
+    lowered.compile()
+
+
+def main(quick: bool, rounds: int, with_kernels: bool):
     params = mlp_params(jr.PRNGKey(0), STATE, WIDTH)
     y0 = jr.normal(jr.PRNGKey(1), (STATE,))
     args = (params, y0)
@@ -114,8 +154,9 @@ def main(quick: bool, rounds: int):
         # Equinox's checkpointed loop is a `custom_vjp`: no second order.
         libraries = ["loopax"] if transform is second_order else ["loopax", "equinox"]
         samples = {library: [] for library in libraries}
-        for _ in range(rounds):
-            for library in libraries:  # alternate, so drift hits both alike
+        for r in range(rounds):
+            # Alternate, in turn in both orders, so drift hits both alike.
+            for library in libraries if r % 2 == 0 else libraries[::-1]:
                 samples[library].append(stages(transform(loss_for(library, c)), args))
         medians = {
             lib: {k: statistics.median(s[k] for s in ss) for k in ss[0]}
@@ -123,6 +164,8 @@ def main(quick: bool, rounds: int):
         }
         for library, m in medians.items():
             reference = medians.get("equinox")
+            if with_kernels:
+                m.update(kernels(order, c, library))
             rows.append(
                 dict(
                     order=order,
@@ -132,6 +175,9 @@ def main(quick: bool, rounds: int):
                     vs_equinox=None
                     if reference is None
                     else round(m["total_s"] / reference["total_s"], 2),
+                    cpu_vs_equinox=None
+                    if reference is None
+                    else round(m["total_cpu_s"] / reference["total_cpu_s"], 2),
                 )
             )
     print(f"# compile time, {machine()}, N = {NUM_STEPS}, medians of {rounds}")
@@ -146,8 +192,12 @@ def main(quick: bool, rounds: int):
             "compile_s",
             "total_s",
             "vs_equinox",
+            "compile_cpu_s",
+            "total_cpu_s",
+            "cpu_vs_equinox",
             "hlo_instructions",
             "body_copies",
+            *(["kernels", "llvm_s"] if with_kernels else []),
         ],
     )
     write_json("compile_time", dict(rows=rows, rounds=rounds))
@@ -157,5 +207,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--kernels", action="store_true", help="count XLA:CPU's LLVM kernels per case"
+    )
+    parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    main(args.quick, args.rounds)
+    if args.probe:
+        probe_order, probe_c, probe_library = args.probe
+        probe(probe_order, int(probe_c), probe_library)
+    else:
+        main(args.quick, args.rounds, args.kernels)
