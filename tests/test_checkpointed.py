@@ -488,6 +488,30 @@ def test_body_traced_independently_of_checkpoints(max_steps):
     assert few == many > 0
 
 
+def test_bounded_loop_gets_a_table_of_every_step(monkeypatch):
+    """A loop bounded by `max_steps` of a few thousand steps looks every decision up
+    in the trace-time table, so the online rule is not compiled in (the gradient's
+    program is smaller than with the rule), and the body-call order is still the
+    replay's past the usual table length."""
+    checkpoints, max_steps, n = 2, 60, 50
+    online = loopax._schedule.online
+    monkeypatch.setattr(online, "ONLINE_TABLE_STEPS", 8)
+
+    monkeypatch.setattr(online, "ONLINE_TABLE_MAX_STEPS", 8)
+    jax.clear_caches()  # The lowering of the loop is cached.
+    with_rule = _grad(checkpoints, max_steps).lower(X0, _int(n)).as_text()
+    monkeypatch.setattr(online, "ONLINE_TABLE_MAX_STEPS", max_steps)
+    jax.clear_caches()
+    without_rule = _grad(checkpoints, max_steps).lower(X0, _int(n)).as_text()
+    assert len(without_rule) < 0.9 * len(with_rule)
+    got, calls = _recorded_grad(checkpoints, max_steps, n)
+    assert (
+        tuple(calls) == loopax.schedule(n, checkpoints, max_steps=max_steps).body_calls
+    )
+    assert_tree_allclose(got, _ref_grad(max_steps)(X0, _int(n)), atol=1e-5)
+    jax.clear_caches()  # No lowering with the shrunk tables outlives the test.
+
+
 @pytest.mark.parametrize(
     "checkpoints, max_steps", [(3, None), (2, 20), (3, 6), (6, None), (1, None)]
 )
@@ -496,6 +520,7 @@ def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_ste
     runs the rule itself past it: shrink the table to 4 steps, and the body-call order
     still equals the replay (which never uses the table) and the gradient is right."""
     monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_STEPS", 4)
+    monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_MAX_STEPS", 4)
     grad = jax.jit(
         jax.grad(
             ft.partial(

@@ -124,7 +124,7 @@ def recording_forward(
     exact = forward_slots is not None
     if not exact:
         forward_slots = online_forward_slots(
-            checkpoints, online_table_length(max_steps)
+            checkpoints, online_table_length(max_steps, checkpoints)
         )
     num_table = len(forward_slots)
     table_covers_loop = exact or (max_steps is not None and max_steps <= num_table)

@@ -16,11 +16,24 @@ from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped
 # The compiled forward sweep looks the online decisions of the first steps up in a
 # table computed at trace time (`forward_slots`), and runs the rule itself past it.
 ONLINE_TABLE_STEPS = 1024
+# A loop bounded by `max_steps <= ONLINE_TABLE_MAX_STEPS` (Diffrax's default bound)
+# with at most `ONLINE_TABLE_MAX_CHECKPOINTS` slots gets a table of all its steps, so
+# the rule is not compiled in at all: on XLA:CPU it is a third of the gradient's
+# compile time, while such a table costs well under a second of NumPy at trace time,
+# once per process. (With more slots stores are frequent and each costs O(c).)
+ONLINE_TABLE_MAX_STEPS = 4096
+ONLINE_TABLE_MAX_CHECKPOINTS = 64
 
 
-def online_table_length(max_steps: int | None) -> int:
-    """How many of a loop's first decisions the trace-time table holds (read at call
-    time, so tests can shrink the table)."""
+def online_table_length(max_steps: int | None, checkpoints: int) -> int:
+    """How many of a loop's first decisions the trace-time table holds (the constants
+    are read at call time, so tests can shrink the table)."""
+    if (
+        max_steps is not None
+        and max_steps <= ONLINE_TABLE_MAX_STEPS
+        and checkpoints <= ONLINE_TABLE_MAX_CHECKPOINTS
+    ):
+        return max_steps
     return min(ONLINE_TABLE_STEPS, max_steps or ONLINE_TABLE_STEPS)
 
 
