@@ -191,7 +191,7 @@ def repetition_number(length, c, xp):
     fixed number of operations (no loop):
 
     - if $r \leq 17$ it is the number of $r' \in [0, 17]$ with $\beta(c, r') <$
-        `length`;
+        `length`, found by bisection (five lookups);
     - otherwise $c \leq 16$ (as $\beta(c, 17) \geq \beta(17, 17) > 2^{31}$ for $c \geq
         17$) and $r \geq 18$. Then $\beta(c, r) = \prod_{i=1}^{c} (r + i) / c!$, whose
         geometric mean $g = ($`length`$\, c!)^{1/c}$ at the real root lies within
@@ -203,29 +203,25 @@ def repetition_number(length, c, xp):
     length = xp.asarray(length, dtype=xp.int32)
     c = xp.asarray(c, dtype=xp.int32)
     shape = xp.broadcast_shapes(xp.shape(length), xp.shape(c))
-    length = xp.broadcast_to(length, shape)[..., None]
-    c = xp.broadcast_to(c, shape)[..., None]
+    length = xp.broadcast_to(length, shape)
+    c = xp.broadcast_to(c, shape)
+    # Bisection over r' in [0, 17]: the probes reach 30; those past 17 count as not
+    # below `length`.
+    small = xp.zeros(shape, dtype=xp.int32)
+    for half in (16, 8, 4, 2, 1):
+        probe = small + (half - 1)
+        below = beta_capped(c, xp.minimum(probe, 17), xp) < length
+        small = small + xp.where((probe <= 17) & below, half, 0).astype(xp.int32)
     cf = xp.clip(c, 2, _MAX_SMALL)
     log_fact = xp.asarray(_log_factorial())[cf]
     log_length = xp.log(xp.maximum(length, 1).astype(xp.float32))
     g = xp.exp((log_length + log_fact) / cf.astype(xp.float32))
     estimate = xp.floor(g - (cf + 1).astype(xp.float32) * 0.5).astype(xp.int32) - 1
-    estimate = xp.clip(estimate, 0, _MAX_SQUARE)
+    estimate = xp.clip(estimate, 0, _MAX_SQUARE)[..., None]
     offsets = xp.arange(4, dtype=xp.int32).reshape((1,) * len(shape) + (4,))
-    candidates = xp.concatenate(
-        [
-            xp.broadcast_to(xp.arange(18, dtype=xp.int32), shape + (18,)),
-            estimate + offsets,
-        ],
-        axis=-1,
-    )
-    short = beta_capped(c, candidates, xp) < length
-    # Both counts from one sum (one reduction in the compiled program): the first 18
-    # candidates count 1 each (at most 18), the other 4 count 32 each.
-    weights = xp.asarray(np.where(np.arange(22) < 18, 1, 32).astype(np.int32))
-    counts = xp.sum(xp.where(short, weights, 0), axis=-1, dtype=xp.int32)
-    small = counts & 31
-    large = estimate[..., 0] + (counts >> 5)
+    candidates = estimate + offsets
+    short = beta_capped(c[..., None], candidates, xp) < length[..., None]
+    large = estimate[..., 0] + xp.sum(short, axis=-1, dtype=xp.int32)
     return xp.where(small <= 17, small, large).astype(xp.int32)
 
 
