@@ -16,6 +16,7 @@ from loopax._schedule import (
     OnlineState,
     beta,
     forward_slots,
+    online as online_module,
     online_init,
     online_positions,
     online_step,
@@ -40,7 +41,9 @@ from loopax._schedule.offline import (
 from loopax._schedule.online import (
     _cost_no_slot,
     _cost_one_slot,
+    _full_plan,
     _greedy_slot,
+    _hard_extent,
     next_store,
     online_plan,
     online_store,
@@ -445,6 +448,39 @@ def test_incremental_plan_matches_greedy_rule(checkpoints, num_steps):
     assert forward_slots(checkpoints, num_steps) == _greedy_forward_slots(
         checkpoints, num_steps
     )
+
+
+@pytest.mark.parametrize(
+    "checkpoints, num_steps, heads", [(40, 1000, (4, 16)), (70, 2000, (8, 32))]
+)
+def test_head_plans_match_the_full_plan(monkeypatch, checkpoints, num_steps, heads):
+    """With many slots the plan prices only the first `h` stretches in general, for
+    the smallest `h` of `_HEADS` past which every stretch is trivial: at every store
+    of the rule it equals the plan priced in full, eagerly and traced, with every
+    head and the full plan taken; the decisions stay the rule's."""
+    monkeypatch.setattr(online_module, "_HEADS", heads)
+    monkeypatch.setattr(online_module, "_FORWARD", {})
+    c = checkpoints
+    cap = INT32_MAX // (2 * c + 4)
+    slots = forward_slots(c, num_steps)
+    assert slots == _greedy_forward_slots(c, num_steps)
+    traced = jax.jit(lambda pos, order: online_plan(pos, order, jnp))
+    slot_pos = np.arange(1, c + 1, dtype=np.int32)
+    plan = online_plan(slot_pos, np.arange(c, dtype=np.int32), np)
+    taken = set()
+    for k, slot in enumerate(slots[c:], start=c + 1):
+        if slot < 0:
+            continue
+        slot_pos, order = online_store(slot_pos, plan, slot, np.int32(k), np)
+        bounds = np.concatenate([[0], slot_pos[order]]).astype(np.int32)
+        want = _full_plan(bounds, order, cap, np)
+        extent = _hard_extent(bounds, c, np)
+        taken.add(next((h for h in heads if extent <= h), None))
+        plan = online_plan(slot_pos, order, np)
+        for got in (plan, traced(slot_pos, order)):
+            for x, y in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.asarray(x), y)
+    assert taken == {*heads, None}
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 64, 100_000])

@@ -160,7 +160,8 @@ def recording_forward(
 
     def rule(slot_pos, plan, k, slot):
         """Past the table: record the store of `x_k` into `slot` (-1: none), then
-        find the next stop. $O(c)$ per store, $O(1)$ per step searched."""
+        find the next stop: one plan per store (`online_plan`), $O(1)$ per step
+        searched."""
 
         def stored():
             pos = slot_pos.at[slot].set(k)

@@ -15,7 +15,7 @@ docs/how-it-works.md, References).
 
 import functools as ft
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.lax as lax
@@ -124,6 +124,13 @@ def cond(
     if xp is np:
         return true_fun(operand) if pred else false_fun(operand)
     return lax.cond(pred, true_fun, false_fun, operand)
+
+
+def switch(index: Any, branches: Sequence[Callable], operands: tuple, xp: Any) -> Any:
+    """`jax.lax.switch` for `xp = jax.numpy`; a Python index for `xp = numpy`."""
+    if xp is np:
+        return branches[int(index)](*operands)
+    return lax.switch(index, branches, *operands)
 
 
 # beta(c, r) = binom(c + r, c) is symmetric in c and r, and binom(m + k, k) with

@@ -6,11 +6,12 @@ slot to store it into (or -1). The rule is written against an array namespace `x
 `loopax.schedule(...)` and traced in every forward step of the compiled loop.
 """
 
+import functools as ft
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped
+from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped, switch
 
 
 # The compiled forward sweep looks the online decisions of the first steps up in a
@@ -85,8 +86,9 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     Work per call: one sort of the positions and $O(c)$ vectorised repetition numbers
     (each a fixed number of table lookups, no loop), skipped while a slot is empty.
     This is the reference form of the rule; the compiled forward sweep and
-    `forward_slots` make the same decisions from an `OnlinePlan`, $O(c)$ per store
-    and $O(1)$ per step. Costs
+    `forward_slots` make the same decisions from an `OnlinePlan`, rebuilt per store
+    (usually from a few dozen revolve costs, whatever `c`: see `online_plan`), and
+    $O(1)$ per step. Costs
     are summed in int32 with each term capped at `(2**31 - 1) // (2 * checkpoints + 4)`;
     beyond that (loops of many millions of steps) options tie and the rule stops
     replacing checkpoints, which is valid but no longer near-optimal.
@@ -175,8 +177,8 @@ class OnlinePlan(NamedTuple):
     - replacing the best of $b_1 .. b_{c-1}$: `early + R(step - last, 1)`,
     - replacing $b_c$: `late + R(step - second_last, 1)`,
 
-    where `R` is `revolve_cost_capped`. Computing the constants costs $O(c)$, once per
-    store; each step then costs $O(1)$.
+    where `R` is `revolve_cost_capped`. The constants are computed once per store
+    (`online_plan`); each step then costs $O(1)$.
 
     - `order`: int32[checkpoints], the slots sorted by the step they hold.
     - `keep`, `early`, `late`: int32 scalars, the constant parts of the prices
@@ -199,13 +201,94 @@ def online_plan(slot_pos, order, xp) -> OnlinePlan:
     """The `OnlinePlan` of full slots holding `slot_pos`, sorted by `order`.
 
     The same sums as `_greedy_slot`, regrouped: every term is capped the same way, so
-    the prices, and the decisions with their tie-breaks, are identical.
+    the prices, and the decisions with their tie-breaks, are identical. With many
+    slots, the stretches past the first few are usually trivial to reverse (the rule
+    keeps them short while they have many free slots); then only the first `h` of
+    `_HEADS` are priced in general (`_head_plan`), and the plan costs $O(h)$ revolve
+    costs plus one elementwise pass (`_hard_extent`) instead of $O(c)$ revolve costs.
     """
     c = slot_pos.shape[0]
     cap = INT32_MAX // (2 * c + 4)
-    sorted_pos = slot_pos[order]
+    bounds = xp.concatenate([xp.zeros((1,), dtype=xp.int32), slot_pos[order]])
+    # A trivial stretch has at most c + 2 steps; its cost must stay below the cap.
+    heads = [h for h in _HEADS if h + 2 <= c and c + 2 <= cap]
+    if not heads:
+        return _full_plan(bounds, order, cap, xp)
+    branches = [ft.partial(_head_plan, cap=cap, xp=xp, h=h) for h in heads]
+    branches.append(ft.partial(_full_plan, cap=cap, xp=xp))
+    # The first head that covers every stretch that is not trivial.
+    extent = _hard_extent(bounds, c, xp)
+    index = sum((extent > h).astype(xp.int32) for h in heads)
+    return switch(index, branches, (bounds, order), xp)
+
+
+# The head lengths `online_plan` tries: it prices the first `h` stretches in general,
+# the others in closed form when they allow it. Up to the square root of twice the
+# loop length stretches can be nontrivial (each needs more steps than its free slots).
+_HEADS = (32, 128, 512)
+
+
+def _hard_extent(bounds, c: int, xp):
+    """One past the last stretch `j` of `bounds` (`b_0 .. b_c`) that is not trivial
+    to reverse with its free slots (`c - j`), alone or merged with the next one (0
+    if none): a stretch of `l` steps with `s >= max(l - 2, 1)` free slots costs `l -
+    1` (repetition number 1, no table lookup). One elementwise pass."""
+    j = xp.arange(c, dtype=xp.int32)
+    alone = bounds[1:] - bounds[:-1] > c - j + 2
+    # Merging stretches j and j + 1: c - j free slots.
+    merged = bounds[2:] - bounds[:-2] > c - j[:-1] + 2
+    hard = alone | xp.concatenate([merged, xp.zeros((1,), dtype=bool)])
+    return xp.max(xp.where(hard, j + 1, 0)).astype(xp.int32)
+
+
+def _head_plan(bounds, order, cap: int, xp, *, h: int) -> OnlinePlan:
+    """`_full_plan` when every stretch from `h` on is trivial (`_hard_extent`):
+    those cost `l - 1` with one free slot more or less, so they sum to `b_c - b_h -
+    (c - h)`, and replacing any `b_i`, `i > h`, merges two of them into one that
+    costs one more: the same price for every such `i`, of which the rule would take
+    the first. Only the first `h` stretches and the merges `i <= h` are priced in
+    general: $O(h)$ revolve costs, whatever `c`."""
+    c = order.shape[0]
+    lengths = bounds[1 : h + 1] - bounds[:h]  # stretch j < h
+    merged = bounds[2 : h + 2] - bounds[:h]  # replacing b_i, i = 1 .. h
+    free = c - xp.arange(h, dtype=xp.int32)  # stretch j; merge i: free[i - 1]
+    costs = revolve_cost_capped(
+        xp.concatenate([lengths, lengths, merged]),
+        xp.concatenate([free, free + 1, free]),
+        cap,
+        xp,
+    )
+    own, more, merged_cost = costs[:h], costs[h : 2 * h], costs[2 * h :]
     zero = xp.zeros((1,), dtype=xp.int32)
-    bounds = xp.concatenate([zero, sorted_pos])  # b_0 .. b_c
+    first_tail = bounds[h + 1] - bounds[h] - 1  # stretch H's cost, any free slots
+    tail = bounds[c] - bounds[h] - (c - h)  # stretches j >= h
+    head = xp.sum(own, dtype=xp.int32)
+    before = xp.concatenate([zero, xp.cumsum(own, dtype=xp.int32)])[:h]
+    # after[i - 1] = more[i + 1] + ... + more[h - 1] + tail, for i = 1 .. h.
+    more_after = xp.concatenate([more, first_tail[None]])[::-1]
+    more_after = xp.cumsum(more_after, dtype=xp.int32)[::-1]
+    after = xp.concatenate([more_after[2:], zero]) + (tail - first_tail)
+    prices = before + merged_cost + after
+    best = xp.argmin(prices).astype(xp.int32)
+    tail_price = head + tail + 1  # replacing b_{h + 1} (or any later b_i)
+    use_tail = tail_price < prices[best]
+    keep = head + tail
+    return OnlinePlan(
+        order=order,
+        keep=xp.asarray(keep, dtype=xp.int32),
+        early=xp.asarray(xp.where(use_tail, tail_price, prices[best]), dtype=xp.int32),
+        early_slot=xp.asarray(order[xp.where(use_tail, h, best)], dtype=xp.int32),
+        late=xp.asarray(keep - (bounds[c] - bounds[c - 1] - 1), dtype=xp.int32),
+        late_slot=order[c - 1],
+        last=bounds[c],
+        second_last=bounds[c - 1],
+    )
+
+
+def _full_plan(bounds, order, cap: int, xp) -> OnlinePlan:
+    """`online_plan` pricing every stretch: $O(c)$ revolve costs."""
+    c = order.shape[0]
+    zero = xp.zeros((1,), dtype=xp.int32)
     lengths = bounds[1:] - bounds[:-1]  # stretch j = [b_j, b_{j+1}), j < c
     merged = bounds[2:] - bounds[:-2]  # removing b_i (i < c) merges i - 1 and i
     free = c - xp.arange(c, dtype=xp.int32)
@@ -399,8 +482,8 @@ def forward_slots(checkpoints: int, num_steps: int) -> tuple[int, ...]:
     The decisions depend on nothing but `checkpoints` and `k`, so they are cached per
     `checkpoints` and extended on demand. The first `checkpoints` steps fill the slots
     in order; after that the rule runs from an `OnlinePlan`, rebuilt after each store
-    ($O(c)$) and searched for the next store in $O(1)$ per step, exactly as the
-    compiled forward sweep does.
+    and searched for the next store in $O(1)$ per step, exactly as the compiled
+    forward sweep does.
     """
     c = checkpoints
     slots, slot_pos, plan = _FORWARD.get(c, ([], None, None))
