@@ -225,7 +225,7 @@ def online_plan(slot_pos, order, xp) -> OnlinePlan:
 # The head lengths `online_plan` tries: it prices the first `h` stretches in general,
 # the others in closed form when they allow it. Up to the square root of twice the
 # loop length stretches can be nontrivial (each needs more steps than its free slots).
-_HEADS = (32, 128, 512)
+_HEADS = (8, 32, 128, 512)
 
 
 def _hard_extent(bounds, c: int, xp):
