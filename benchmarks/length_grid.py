@@ -2,7 +2,8 @@
 
 Question (issue #19): does the forward sweep's online placement rule keep the gradient
 fast on long loops with many checkpoints? Past the trace-time table of the first 1024
-steps the rule used to cost O(c) per step; now it costs O(c) per store and O(1) per
+steps the rule used to cost O(c) per step; now it costs one plan per store (a few
+dozen revolve costs, whatever c, when the stretches allow it) and O(1) per
 step between stores.
 
 Workloads, both `while_loop`s stopping on `t >= t1` (trip count known only at run
@@ -17,7 +18,8 @@ At each (N, c), measured side by side in this process, interleaved, medians:
 - `fwd` / `fwd_vjp` (with `--forward`): a plain forward vs the forward under `jax.vjp`
   (the recording sweep; the VJP function is returned so it is not dead code);
 - `old` (with `--old-src DIR`): `loopax` imported from another source tree, as
-  `loopax_old` (copy `src/loopax` of the previous version to `DIR/loopax_old`).
+  `loopax_old` (copy `src/loopax` of the previous version to `DIR/loopax_old`); with
+  `--forward` also its forward under `jax.vjp` (`old_fwd_vjp`).
 
 Targets: loopax / equinox <= 0.8 (ode), <= 1.0 (tiny); tiny loopax / scan <= 1.2;
 fwd_vjp / fwd <= 1.1. Pin to one core (`taskset -c 1`) on a shared machine.
@@ -121,6 +123,8 @@ def grid_point(workload, num_steps, checkpoints, *, forward, old, rounds):
     if forward:
         fns["fwd"] = make_loss(lambda cond, body, x: jax.lax.while_loop(cond, body, x))
         fns["fwd_vjp"] = lambda p, y: jax.vjp(ours(loopax), p, y)
+        if old is not None:
+            fns["old_fwd_vjp"] = lambda p, y: jax.vjp(ours(old), p, y)
     out = measure_interleaved(fns, params, y0, repeats=rounds, min_time=0.0)
     row = {"workload": workload, "N": num_steps, "c": c}
     for name, r in out.items():
@@ -132,6 +136,8 @@ def grid_point(workload, num_steps, checkpoints, *, forward, old, rounds):
         row["loopax/old"] = out["loopax"]["run_s"] / out["old"]["run_s"]
     if forward:
         row["fwd_vjp/fwd"] = out["fwd_vjp"]["run_s"] / out["fwd"]["run_s"]
+        if old is not None:
+            row["old fwd_vjp/fwd"] = out["old_fwd_vjp"]["run_s"] / out["fwd"]["run_s"]
     print_table([row], list(row))
     sys.stdout.flush()
     return row
