@@ -112,15 +112,17 @@ def _repetition_boundaries():
     return np.array(lengths, np.int32), np.array(cs, np.int32), np.array(want)
 
 
-def test_repetition_number():
+@pytest.mark.parametrize("bisect", [False, True])
+def test_repetition_number(bisect):
     lengths, cs, want = _repetition_boundaries()
-    got = jax.jit(ft.partial(repetition_number, xp=jnp))(lengths, cs)
+    number = ft.partial(repetition_number, bisect=bisect)
+    got = jax.jit(ft.partial(number, xp=jnp))(lengths, cs)
     np.testing.assert_array_equal(np.asarray(got), want)
     # NumPy's float32 `exp`/`log` may round differently: check it as well, on a
     # subsample of the 196k boundaries of c = 2 (all of the largest ones).
     keep = (cs != 2) | (np.arange(len(cs)) % 7 == 0) | (lengths > 2**31 - 2**27)
     with np.errstate(over="raise"):
-        got = repetition_number(lengths[keep], cs[keep], np)
+        got = number(lengths[keep], cs[keep], np)
     np.testing.assert_array_equal(got, want[keep])
 
 
