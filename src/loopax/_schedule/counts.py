@@ -169,6 +169,19 @@ def _rule_cost(length: int, free: int, cap: int) -> int:
     return min(r * length - beta(free + 2, r - 1), cap)
 
 
+def _cost_one_slot(length: int, cap: int) -> int:
+    """`_rule_cost(length, 1, cap)` in closed form: the repetition number is the
+    smallest `r` with `(r + 1) (r + 2) / 2 >= length`."""
+    if length <= 1:
+        return 0
+    r = max((math.isqrt(8 * length + 1) - 3) // 2, 0)
+    while (r + 1) * (r + 2) // 2 < length:
+        r += 1
+    if r * length > cap:
+        return cap
+    return min(r * length - (r + 2) * (r + 1) * r // 6, cap)
+
+
 def _capped_costs(lengths, free, cap: int) -> list[int]:
     """`revolve_cost_capped` for each pair, exactly as the rule computes them;
     Python ints for a few, NumPy (the rule's own function) for many."""
@@ -189,7 +202,7 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
         return min(length * (length - 1) // 2, cap)
 
     def t(length):  # the last stretch with one free slot
-        return _rule_cost(length, 1, cap)
+        return _cost_one_slot(length, cap)
 
     # The first length at which `t` reports the cap (`r * length` is increasing).
     lo, hi = 1, 2
@@ -210,19 +223,21 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
     while (top + 2) * (top + 1) // 2 <= cap:
         top += 1
     previous = (None, [])
+    lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
+    # Stretch j's cost with its own free slots (c - j) and with one more, and that of
+    # stretches i - 1 and i merged (c - i + 1 free), i = 1 .. c - 1, at merged[i - 1].
+    own = _capped_costs(lengths, [c - j for j in range(c)], cap)
+    more = _capped_costs(lengths, [c - j + 1 for j in range(c)], cap)
+    merged = _capped_costs(
+        [lengths[i - 1] + lengths[i] for i in range(1, c)],
+        [c - i + 1 for i in range(1, c)],
+        cap,
+    )
     while True:
-        lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
-        own = _capped_costs(lengths, [c - j for j in range(c)], cap)
-        more = _capped_costs(lengths, [c - j + 1 for j in range(c)], cap)
         keep = sum(own)
         # Replacing b_i, i < c: stretches before i - 1 as they are, i - 1 and i merged
         # (c - i + 1 free), i + 1 .. c - 1 with one more free slot, and the last
         # stretch [b_c, k) with one free slot, T(L).
-        merged = _capped_costs(
-            [b[i + 1] - b[i - 1] for i in range(1, c)],
-            [c - i + 1 for i in range(1, c)],
-            cap,
-        )
         before = [0]
         for x in own:
             before.append(before[-1] + x)
@@ -275,6 +290,24 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
             return [0, *itertools.accumulate(lengths)], False
         previous = (signature if first == 1 else None, lengths)
         b = b[:i] + b[i + 1 :] + [k]
+        # Storing x_k in place of b_i changes the stretches from i - 1 on: i - 1 and
+        # i (or [b_c, k) for i = c) merge, the later ones move one place down (one
+        # more free slot: their old `more` is their new `own`), then [b_c, k).
+        if i < c:
+            lengths = [*lengths[: i - 1], lengths[i - 1] + lengths[i]]
+            lengths += [*previous[1][i + 1 :], first]
+            own = [*own[: i - 1], merged[i - 1], *more[i + 1 :], t(first)]
+        else:
+            lengths = [*lengths[: c - 1], lengths[c - 1] + first]
+            own = [*own[: c - 1], t(lengths[c - 1])]
+        tail = range(i - 1, c)
+        more = more[: i - 1] + _capped_costs(
+            [lengths[j] for j in tail], [c - j + 1 for j in tail], cap
+        )
+        tail = range(max(i - 1, 1), c)
+        merged = merged[: max(i - 2, 0)] + _capped_costs(
+            [lengths[m - 1] + lengths[m] for m in tail], [c - m + 1 for m in tail], cap
+        )
 
 
 def _unit_step(before: list[int], after: list[int]) -> int | None:
