@@ -3,7 +3,8 @@ than what it previews.)
 
 Times `loopax.schedule(n, c)` (counts only: the actions are not enumerated) and
 `loopax.suggest_checkpoints`, each in a fresh cache state, with their peak Python
-memory (tracemalloc, in a second run), for n = 10**6, 10**7, 10**9.
+memory (tracemalloc, in a second run), for n = 10**6, 10**7, 10**9 (and, for the
+online rule at larger c, shorter loops: its time grows with the number of stores).
 
 Run: `python benchmarks/planning.py [--json out.json]`.
 """
@@ -48,7 +49,13 @@ CASES = [
     ),
     *(
         (f"schedule(n, {c})", n, c, False)
-        for n, cs in ((10**6, (1, 2, 3, 8)), (10**7, (1, 2)), (10**9, (1, 2)))
+        for n, cs in (
+            (10**4, (1000,)),
+            (10**5, (8, 64)),
+            (10**6, (1, 2, 3, 8)),
+            (10**7, (1, 2)),
+            (10**9, (1, 2)),
+        )
         for c in cs
     ),
 ]
