@@ -508,8 +508,8 @@ def test_closed_form_costs_of_the_last_stretch(checkpoints):
 @pytest.mark.parametrize("checkpoints, num_steps", [(3, 200), (150, 500)])
 def test_traced_plan_matches_numpy(checkpoints, num_steps):
     """The plan, the store and the search as the compiled forward sweep runs them
-    (traced, with `lax.cond` choosing how to price the stretches) give the replay's
-    stores."""
+    (traced, with `lax.switch` choosing the head of stretches to price) give the
+    replay's stores."""
     c = checkpoints
 
     @jax.jit

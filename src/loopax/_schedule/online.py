@@ -292,9 +292,13 @@ def _full_plan(bounds, order, cap: int, xp) -> OnlinePlan:
     lengths = bounds[1:] - bounds[:-1]  # stretch j = [b_j, b_{j+1}), j < c
     merged = bounds[2:] - bounds[:-2]  # removing b_i (i < c) merges i - 1 and i
     free = c - xp.arange(c, dtype=xp.int32)
-    keep_free, one_more, merged_cost = _stretch_costs(
-        [lengths, lengths, merged], [free, free + 1, free[:-1]], cap, xp
+    costs = revolve_cost_capped(
+        xp.concatenate([lengths, lengths, merged]),
+        xp.concatenate([free, free + 1, free[:-1]]),
+        cap,
+        xp,
     )
+    keep_free, one_more, merged_cost = costs[:c], costs[c : 2 * c], costs[2 * c :]
     before = xp.concatenate([zero, xp.cumsum(keep_free, dtype=xp.int32)])  # before[i]
     # after[i] = one_more[i + 1] + ... + one_more[c - 1], for i = 1 .. c - 1.
     after = xp.cumsum(one_more[::-1], dtype=xp.int32)[::-1]
@@ -317,69 +321,6 @@ def _full_plan(bounds, order, cap: int, xp) -> OnlinePlan:
         last=bounds[c],
         second_last=bounds[c - 1],
     )
-
-
-# `_stretch_costs` prices at most this many of the last stretches of each group with
-# the general revolve cost; the others have enough free slots to be trivial.
-_HARD_TAIL = 32
-
-
-def _stretch_costs(lengths, free, cap: int, xp):
-    """`revolve_cost_capped` of each group of stretches (lengths and free slots, both
-    lists of int32 arrays, every free count >= 1), computed cheaply where possible.
-
-    A stretch of `l` steps with `s >= max(l - 2, 1)` free slots costs `min(l - 1,
-    cap)` (repetition number 1: store every state but the last), which needs no
-    table lookup. In each group the free counts decrease along the group, so the
-    stretches that need the general formula are usually at its end: if they all lie
-    in the last `_HARD_TAIL` of their group, only those are priced in general, else
-    every stretch is. Either way the costs are exactly `revolve_cost_capped`'s.
-    """
-    sizes = [int(x.shape[0]) for x in lengths]
-    all_lengths = xp.concatenate(lengths)
-    all_free = xp.concatenate(free)
-
-    def general():
-        return revolve_cost_capped(all_lengths, all_free, cap, xp)
-
-    tail = [min(n, _HARD_TAIL) for n in sizes]
-    if sum(sizes) <= 2 * sum(tail):
-        costs = general()
-    else:
-        easy = all_free + 2 >= all_lengths
-        simple = xp.where(all_lengths <= 1, 0, xp.minimum(all_lengths - 1, cap))
-        simple = simple.astype(xp.int32)
-        starts = np.cumsum([0, *sizes[:-1]])
-        head = np.concatenate(
-            [
-                np.arange(a, a + n - t)
-                for a, n, t in zip(starts, sizes, tail, strict=True)
-            ]
-        )
-        ends = np.concatenate(
-            [
-                np.arange(a + n - t, a + n)
-                for a, n, t in zip(starts, sizes, tail, strict=True)
-            ]
-        )
-
-        def tails_only():
-            hard = revolve_cost_capped(all_lengths[ends], all_free[ends], cap, xp)
-            out = xp.where(easy, simple, 0).astype(xp.int32)
-            if xp is np:
-                out = out.copy()
-                out[ends] = hard
-                return out
-            return out.at[ends].set(hard)
-
-        costs = cond(
-            xp.all(easy[head]), lambda _: tails_only(), lambda _: general(), None, xp
-        )
-    out, start = [], 0
-    for n in sizes:
-        out.append(costs[start : start + n])
-        start += n
-    return out
 
 
 def online_decide(plan: OnlinePlan, step, xp):
