@@ -583,7 +583,7 @@ def _slots_after(slots, checkpoints):
     return tuple(sorted(p for p in pos if p >= 0))
 
 
-@pytest.mark.parametrize("checkpoints", [1, 2, 3, 4, 6, 9, 25])
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 4, 6, 9, 25, 100])
 def test_online_positions_match_the_rule(checkpoints):
     """The fast-forward of the online rule stores where `online_step` stores."""
     online_positions.__globals__["_ONLINE"].clear()

@@ -23,6 +23,7 @@ docs/how-it-works.md, References).
 
 import itertools
 import math
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -238,19 +239,17 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
         # Replacing b_i, i < c: stretches before i - 1 as they are, i - 1 and i merged
         # (c - i + 1 free), i + 1 .. c - 1 with one more free slot, and the last
         # stretch [b_c, k) with one free slot, T(L).
-        before = [0]
-        for x in own:
-            before.append(before[-1] + x)
-        after = [0] * (c + 1)
-        for j in range(c - 1, -1, -1):
-            after[j] = after[j + 1] + more[j]
-        inner = [before[i - 1] + merged[i - 1] + after[i + 1] for i in range(1, c)]
+        # (Sums with C-level builtins: c is up to thousands.)
+        before = [*itertools.accumulate(own, initial=0)]  # before[j] = own[:j]
+        after = [*itertools.accumulate(reversed(more), initial=0)][::-1]  # more[j:]
+        # inner[i - 1] = before[i - 1] + merged[i - 1] + after[i + 1], i = 1 .. c - 1.
+        inner = [*map(operator.add, map(operator.add, before, merged), after[2:])]
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
         last = before[c - 1]
         gap = b[c] - b[c - 1]
         options = []
-        if inner:
-            low = min(inner)
+        low = min(inner) if inner else None
+        if low is not None:
             options.append(
                 (
                     lambda length, keep=keep, low=low: (
@@ -276,11 +275,16 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
         if first is None:
             return b, limit > top
         k = b[c] + first
-        prices = [x + t(first) for x in inner] + [last + t(first + gap)]
-        i = prices.index(min(prices)) + 1  # The rule takes the first cheapest.
+        # The rule takes the first cheapest: the best inner option on a tie.
+        if low is not None and low + t(first) <= last + t(first + gap):
+            i = inner.index(low) + 1
+        else:
+            i = c
         signature = (first, i, keep, last, t(1 + gap), inner)
-        grown = _unit_step(previous[1], lengths)
-        if signature == previous[0] and grown is not None:
+        if (
+            signature == previous[0]
+            and (grown := _unit_step(previous[1], lengths)) is not None
+        ):
             # Saturated: this store is priced exactly as the previous one, and the
             # stretches differ from the previous ones by one step in one stretch,
             # whose costs (all at the cap: they are non-decreasing, and would
