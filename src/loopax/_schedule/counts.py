@@ -185,12 +185,16 @@ def _cost_one_slot(length: int, cap: int) -> int:
 
 def _capped_costs(lengths, free, cap: int) -> list[int]:
     """`revolve_cost_capped` for each pair, exactly as the rule computes them;
-    Python ints for a few, NumPy (the rule's own function) for many."""
+    Python ints for a few, NumPy (the rule's own function) for many. A stretch of
+    `l` steps with `s >= max(l - 2, 1)` free slots costs `l - 1` (repetition number
+    1; `cap` past it), with no table lookup: with many slots most stretches are so."""
     if len(lengths) <= 32:
         return [_rule_cost(lo, s, cap) for lo, s in zip(lengths, free, strict=True)]
-    costs = revolve_cost_capped(
-        np.asarray(lengths, dtype=np.int32), np.asarray(free, dtype=np.int32), cap, np
-    )
+    lengths = np.asarray(lengths, dtype=np.int32)
+    free = np.asarray(free, dtype=np.int32)
+    costs = np.where(lengths > cap, cap, np.maximum(lengths - 1, 0))
+    (hard,) = np.nonzero((free < 1) | (lengths > free + 2))
+    costs[hard] = revolve_cost_capped(lengths[hard], free[hard], cap, np)
     return costs.tolist()
 
 
