@@ -194,7 +194,11 @@ def _capped_costs(lengths, free, cap: int) -> list[int]:
     free = np.asarray(free, dtype=np.int32)
     costs = np.where(lengths > cap, cap, np.maximum(lengths - 1, 0))
     (hard,) = np.nonzero((free < 1) | (lengths > free + 2))
-    costs[hard] = revolve_cost_capped(lengths[hard], free[hard], cap, np)
+    if len(hard) <= 32:
+        for j in hard.tolist():
+            costs[j] = _rule_cost(int(lengths[j]), int(free[j]), cap)
+    else:
+        costs[hard] = revolve_cost_capped(lengths[hard], free[hard], cap, np)
     return costs.tolist()
 
 
