@@ -230,6 +230,7 @@ def repetition_number(length, c, xp, *, bisect: bool = False):
             small = small + xp.where((probe <= 17) & below, half, 0).astype(xp.int32)
         small = small[..., 0]
         short = beta_capped(c, estimate + offsets, xp) < length
+        large = estimate[..., 0] + xp.sum(short, axis=-1, dtype=xp.int32)
     else:
         candidates = xp.concatenate(
             [
@@ -239,8 +240,12 @@ def repetition_number(length, c, xp, *, bisect: bool = False):
             axis=-1,
         )
         short = beta_capped(c, candidates, xp) < length
-        small = xp.sum(short[..., :18], axis=-1, dtype=xp.int32)
-    large = estimate[..., 0] + xp.sum(short[..., -4:], axis=-1, dtype=xp.int32)
+        # Both counts from one sum (one reduction in the compiled program): the first
+        # 18 candidates count 1 each (at most 18), the other 4 count 32 each.
+        weights = xp.asarray(np.where(np.arange(22) < 18, 1, 32).astype(np.int32))
+        counts = xp.sum(xp.where(short, weights, 0), axis=-1, dtype=xp.int32)
+        small = counts & 31
+        large = estimate[..., 0] + (counts >> 5)
     return xp.where(small <= 17, small, large).astype(xp.int32)
 
 
