@@ -48,14 +48,18 @@ MAX_LINES = 6000
 @pytest.mark.parametrize("max_steps", [None, 100])
 def test_body_appears_twice_in_the_gradient(max_steps):
     lines = []
-    for checkpoints in (4, 64):
+    # (With `max_steps=100`, 1000 slots would store every step: the store-all path.)
+    for checkpoints in (4, 64) if max_steps else (4, 64, 1000):
         text = _optimized_hlo(checkpoints, max_steps)
         assert _count("sine", text) == 2, checkpoints
         assert _count("cosine", text) == 1, checkpoints
         lines.append(text.count("\n"))
         assert lines[-1] <= MAX_LINES
-    # The controllers' code does not grow with the number of checkpoints.
-    assert max(lines) <= 1.1 * min(lines)
+    # The controllers' code does not grow with the number of checkpoints: with many
+    # slots (c >= 34) the online plan has one variant more (`_TRACED_HEADS`), and
+    # nothing grows past that.
+    assert max(lines[1:]) <= 1.1 * min(lines[1:])
+    assert max(lines) <= 1.4 * min(lines)
 
 
 def test_store_all_has_one_copy_of_the_body():

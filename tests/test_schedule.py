@@ -461,6 +461,7 @@ def test_head_plans_match_the_full_plan(monkeypatch, checkpoints, num_steps, hea
     of the rule it equals the plan priced in full, eagerly and traced, with every
     head and the full plan taken; the decisions stay the rule's."""
     monkeypatch.setattr(online_module, "_HEADS", heads)
+    monkeypatch.setattr(online_module, "_TRACED_HEADS", heads)
     monkeypatch.setattr(online_module, "_FORWARD", {})
     c = checkpoints
     cap = INT32_MAX // (2 * c + 4)

@@ -200,7 +200,9 @@ def repetition_number(length, c, xp, *, bisect: bool = False):
     - if $r \leq 17$ it is the number of $r' \in [0, 17]$ with $\beta(c, r') <$
         `length`: counted over all 18 (one wide operation: fastest for a scalar on
         XLA:CPU, as in the backward sweep's `revolve_split`) or, with `bisect`, found
-        by bisection (five lookups: faster over many elements, as in `online_plan`);
+        by bisection (five lookups: faster over many elements in NumPy, as in the
+        planning helpers; compiled, its extra kernels cost more compile time than
+        the lookups it saves);
     - otherwise $c \leq 16$ (as $\beta(c, 17) \geq \beta(17, 17) > 2^{31}$ for $c \geq
         17$) and $r \geq 18$. Then $\beta(c, r) = \prod_{i=1}^{c} (r + i) / c!$, whose
         geometric mean $g = ($`length`$\, c!)^{1/c}$ at the real root lies within
@@ -268,7 +270,7 @@ def revolve_cost_capped(length, free_slots, cap: int, xp):
     c = xp.maximum(s, 1) + 1
     # Elements priced by the quadratic formula search the shortest range instead.
     r = repetition_number(
-        xp.where((s == 0) | (length <= 1), 1, length), c, xp, bisect=True
+        xp.where((s == 0) | (length <= 1), 1, length), c, xp, bisect=xp is np
     )
     over = r > cap32 // xp.maximum(length, 1)
     binomial = xp.where(
