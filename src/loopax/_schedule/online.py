@@ -21,7 +21,8 @@ ONLINE_TABLE_STEPS = 1024
 # with at most `ONLINE_TABLE_MAX_CHECKPOINTS` slots gets a table of all its steps, so
 # the rule is not compiled in at all: on XLA:CPU it is a third of the gradient's
 # compile time, while such a table costs well under a second of NumPy at trace time,
-# once per process. (With more slots stores are frequent and each costs O(c).)
+# once per process. (With more slots, stores are more frequent: thousands in 4096
+# steps.)
 ONLINE_TABLE_MAX_STEPS = 4096
 ONLINE_TABLE_MAX_CHECKPOINTS = 64
 
