@@ -175,6 +175,32 @@ def test_scan_violation_without_jit_is_loopax_error_alone():
             )
 
 
+def test_concrete_init_with_traced_closure():
+    """A concrete `init_val` whose loop closes over a tracer is still traced: correct
+    programs run under jit, grad and vmap, and a violation still fails."""
+
+    def run(x, write_at=None):
+        def body(c):
+            i, buf = c
+            return i + 1, buf.at[i if write_at is None else write_at].set(x * i)
+
+        return loopax.while_loop(
+            lambda c: c[0] < 3,
+            body,
+            (0, jnp.zeros(5)),
+            buffers=lambda c: c[1],
+            check_buffers=True,
+            max_steps=5,
+        )[1]
+
+    want = jnp.array([0.0, 2.0, 4.0, 0.0, 0.0])
+    assert_tree_allclose(jax.jit(run)(2.0), want)
+    assert float(jax.grad(lambda x: run(x).sum())(2.0)) == 3.0  # 0 + 1 + 2
+    assert_tree_allclose(jax.vmap(run)(jnp.array([2.0, 1.0]))[0], want)
+    with pytest.raises(RuntimeError, match="second write to index 0"):
+        jax.jit(lambda x: run(x, write_at=0))(2.0)
+
+
 def test_jit_error_shows_loopax_message_first_and_alone(capfd):
     """Under `jax.jit` JAX's runtime error puts a Python stack before loopax's
     message: loopax writes the message to stderr first, and the error itself ends

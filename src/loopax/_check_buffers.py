@@ -160,7 +160,11 @@ def reporting_contract_errors(
     _EagerRun.active += 1
     _EagerRun.message = None
     try:
-        return jax.block_until_ready(run())
+        out = run()
+        # (Still a trace if the loop's functions close over tracers.)
+        if not any(map(is_tracer, jax.tree_util.tree_leaves(out))):
+            jax.block_until_ready(out)
+        return out
     except jax.errors.JaxRuntimeError:
         message = _EagerRun.message
         if message is None:
