@@ -30,41 +30,9 @@ def suggest_checkpoints(
     checkpoint_bytes: int | None = None,
     known_length: bool = False,
 ) -> int:
-    """Suggest `checkpoints` for a loop of `num_steps` steps.
-
-    Say how much slower than the cheapest gradient you accept, how much memory the
-    checkpoints may take, or both:
-
-    - with `max_recompute_factor`: the *smallest* `c` whose gradient evaluates the
-        body at most `max_recompute_factor * 2 * num_steps` times
-        ([`loopax.Schedule.recompute_factor`][]), found by bisection over the counts
-        of [`loopax.schedule`][] (doubling `c`, then bisecting: the factor does not
-        increase with `c`, which the tests check over a grid). The search starts at
-        the smallest `c` that meets the target with the offline optimum (closed
-        form), which no placement beats;
-    - with `memory_budget` and `carry`: the *largest* `c` whose checkpoints fit, as
-        [`loopax.checkpoints_for_budget`][], but at most `max(num_steps - 1, 1)`,
-        which already recomputes nothing;
-    - with both: the smallest `c` meeting the recompute target, provided it fits the
-        budget (a `ValueError` says how far apart they are if not).
-
-    **Arguments:**
-
-    - `num_steps`: the (expected) number of steps, a non-negative int.
-    - `max_recompute_factor`: the largest acceptable total body evaluations divided by
-        `2 * num_steps`, a number >= 1 (1: no recomputation at all).
-    - `memory_budget`: bytes for the checkpoints, an int or a string like `"2GiB"`;
-        needs `checkpoint_bytes`.
-    - `checkpoint_bytes`: the bytes of one checkpoint (the front end measures the
-        carry); only with `memory_budget`.
-    - `known_length`: as for [`loopax.schedule`][]: True for `loopax.scan` and
-        `loopax.fori_loop` with static bounds (revolve placement), False (default)
-        for `loopax.while_loop`.
-
-    **Returns:**
-
-    A positive int to pass as `checkpoints=`.
-    """
+    """`loopax.suggest_checkpoints` (documented there, in `loopax._planning`) on
+    numbers: the front end has measured one checkpoint's bytes (`checkpoint_bytes`,
+    given with `memory_budget`). Returns a positive int to pass as `checkpoints=`."""
     num_steps = _check_int("num_steps", num_steps, 0)
     if not isinstance(known_length, bool):
         raise TypeError(f"`known_length` must be a bool, got {known_length!r}.")
