@@ -56,10 +56,9 @@ def test_body_appears_twice_in_the_gradient(max_steps):
         lines.append(text.count("\n"))
         assert lines[-1] <= MAX_LINES
     # The controllers' code does not grow with the number of checkpoints: with many
-    # slots (c >= 34) the online plan has one variant more (`_TRACED_HEADS`), and
-    # nothing grows past that.
-    assert max(lines[1:]) <= 1.1 * min(lines[1:])
-    assert max(lines) <= 1.4 * min(lines)
+    # slots (c > 64) the online plan prices its stretches in chunks (a loop), and
+    # nothing grows past that. Measured: 3894, 4018 and 4209 lines on jax 0.10.2.
+    assert max(lines) <= 1.15 * min(lines)
 
 
 def test_store_all_has_one_copy_of_the_body():

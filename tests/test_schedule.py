@@ -456,12 +456,14 @@ def test_incremental_plan_matches_greedy_rule(checkpoints, num_steps):
     "checkpoints, num_steps, heads", [(40, 1000, (4, 16)), (70, 2000, (8, 32))]
 )
 def test_head_plans_match_the_full_plan(monkeypatch, checkpoints, num_steps, heads):
-    """With many slots the plan prices only the first `h` stretches in general, for
-    the smallest `h` of `_HEADS` past which every stretch is trivial: at every store
-    of the rule it equals the plan priced in full, eagerly and traced, with every
-    head and the full plan taken; the decisions stay the rule's."""
+    """With many slots the plan prices only the first stretches in general, up to
+    the last one that is not trivial: eagerly the smallest `h` of `_HEADS` that
+    covers them, compiled in chunks of `PLAN_CHUNK`. At every store of the rule it
+    equals the plan priced in full, eagerly and traced, with every head, the full
+    plan and several chunks taken; the decisions stay the rule's."""
     monkeypatch.setattr(online_module, "_HEADS", heads)
-    monkeypatch.setattr(online_module, "_TRACED_HEADS", heads)
+    monkeypatch.setattr(online_module, "PLAN_CHUNK", heads[0])
+    monkeypatch.setattr(online_module, "FULL_PLAN_MAX_CHECKPOINTS", 2 * heads[0])
     monkeypatch.setattr(online_module, "_FORWARD", {})
     c = checkpoints
     cap = INT32_MAX // (2 * c + 4)
@@ -484,6 +486,30 @@ def test_head_plans_match_the_full_plan(monkeypatch, checkpoints, num_steps, hea
             for x, y in zip(got, want, strict=True):
                 np.testing.assert_array_equal(np.asarray(x), y)
     assert taken == {*heads, None}
+
+
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_chunked_plan_matches_the_full_plan(monkeypatch, chunk):
+    """The compiled plan prices the nontrivial stretches `PLAN_CHUNK` at a time: on
+    random slot positions (none, some, every stretch nontrivial; the last one
+    alone) it equals the plan priced in full, entry by entry."""
+    monkeypatch.setattr(online_module, "PLAN_CHUNK", chunk)
+    monkeypatch.setattr(online_module, "FULL_PLAN_MAX_CHECKPOINTS", 2 * chunk)
+    rng = np.random.default_rng(chunk)
+    c = 22  # Chunks of 7 end at c - 1, chunks of 4 at c - 2.
+    traced = jax.jit(lambda pos, order: online_plan(pos, order, jnp))
+    cases = [np.ones(c, np.int32), np.full(c, 40, np.int32)]
+    cases.append(np.r_[np.ones(c - 1, np.int32), 9])
+    cases += [rng.integers(1, m, c).astype(np.int32) for m in (3, 6, 30, 500) * 4]
+    cases += [np.r_[rng.integers(1, 40, k), np.ones(c - k)] for k in range(1, c, 3)]
+    for lengths in cases:
+        bounds = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+        order = rng.permutation(c).astype(np.int32)
+        slot_pos = np.empty(c, np.int32)
+        slot_pos[order] = bounds[1:]
+        want = _full_plan(bounds, order, INT32_MAX // (2 * c + 4), np)
+        for x, y in zip(traced(slot_pos, order), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(x), y)
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 64, 100_000])

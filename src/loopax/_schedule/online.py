@@ -9,7 +9,9 @@ slot to store it into (or -1). The rule is written against an array namespace `x
 import functools as ft
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped, switch
 
@@ -204,16 +206,25 @@ def online_plan(slot_pos, order, xp) -> OnlinePlan:
     The same sums as `_greedy_slot`, regrouped: every term is capped the same way, so
     the prices, and the decisions with their tie-breaks, are identical. With many
     slots, the stretches past the first few are usually trivial to reverse (the rule
-    keeps them short while they have many free slots); then only the first `h` of
-    `_HEADS` are priced in general (`_head_plan`), and the plan costs $O(h)$ revolve
-    costs plus one elementwise pass (`_hard_extent`) instead of $O(c)$ revolve costs.
+    keeps them short while they have many free slots), and a trivial stretch costs
+    one step less than its length, with no table lookup (`_hard_extent`). Eagerly
+    (NumPy), only the first `h` of `_HEADS` stretches are then priced in general
+    (`_head_plan`): $O(h)$ revolve costs plus one elementwise pass instead of $O(c)$
+    revolve costs. Compiled, with more than `FULL_PLAN_MAX_CHECKPOINTS` slots, the
+    general costs are computed `PLAN_CHUNK` stretches at a time up to the last
+    nontrivial one (`_chunked_plan`), so the gradient holds one copy of the revolve
+    cost whatever `c`.
     """
     c = slot_pos.shape[0]
     cap = INT32_MAX // (2 * c + 4)
     bounds = xp.concatenate([xp.zeros((1,), dtype=xp.int32), slot_pos[order]])
     # A trivial stretch has at most c + 2 steps; its cost must stay below the cap.
-    heads = _HEADS if xp is np else _TRACED_HEADS
-    heads = [h for h in heads if h + 2 <= c and c + 2 <= cap]
+    trivial_fits = c + 2 <= cap
+    if xp is not np:
+        if trivial_fits and c > max(FULL_PLAN_MAX_CHECKPOINTS, PLAN_CHUNK):
+            return _chunked_plan(bounds, order, cap, PLAN_CHUNK)
+        return _full_plan(bounds, order, cap, xp)
+    heads = [h for h in _HEADS if h + 2 <= c and trivial_fits]
     if not heads:
         return _full_plan(bounds, order, cap, xp)
     branches = [ft.partial(_head_plan, cap=cap, xp=xp, h=h) for h in heads]
@@ -224,15 +235,21 @@ def online_plan(slot_pos, order, xp) -> OnlinePlan:
     return switch(index, branches, (bounds, order), xp)
 
 
-# The head lengths `online_plan` tries: it prices the first `h` stretches in general,
-# the others in closed form when they allow it. Up to the square root of twice the
-# loop length stretches can be nontrivial (each needs more steps than its free slots).
+# The head lengths `online_plan` tries eagerly: it prices the first `h` stretches in
+# general, the others in closed form when they allow it. Up to the square root of
+# twice the loop length stretches can be nontrivial (each needs more steps than its
+# free slots).
 _HEADS = (8, 32, 128, 512)
-# Compiled, each head is another copy of the revolve cost (XLA:CPU compile time grows
-# with it: heads (8, 32, 128) made the c = 128 gradient compile 1.6x); one head keeps
-# most of the run-time gain (c = 1000: 0.21x the full plan's gradient time, against
-# 0.16x with every head).
-_TRACED_HEADS = (32,)
+# Compiled, with more than `FULL_PLAN_MAX_CHECKPOINTS` slots, the plan prices the
+# nontrivial stretches `PLAN_CHUNK` at a time, in a loop; with fewer slots every
+# stretch is usually nontrivial, and pricing them all at once is faster. Each
+# variant of the plan is another compiled copy of the revolve cost, and XLA:CPU's
+# compile time grows with it (the heads 8, 32 and 128 as `lax.switch` branches
+# made the c = 128 gradient compile 1.6x, one head 1.34x): one loop instead.
+# Measured per plan (jit, CPU): c = 1000, n = 5000: 4.9 us in chunks of 16, 217 us
+# priced in full; c = 128, n = 20000: 26 and 31 us; c = 64, n = 20000: 20 and 16 us.
+FULL_PLAN_MAX_CHECKPOINTS = 64
+PLAN_CHUNK = 16
 
 
 def _hard_extent(bounds, c: int, xp):
@@ -295,7 +312,6 @@ def _head_plan(bounds, order, cap: int, xp, *, h: int) -> OnlinePlan:
 def _full_plan(bounds, order, cap: int, xp) -> OnlinePlan:
     """`online_plan` pricing every stretch: $O(c)$ revolve costs."""
     c = order.shape[0]
-    zero = xp.zeros((1,), dtype=xp.int32)
     lengths = bounds[1:] - bounds[:-1]  # stretch j = [b_j, b_{j+1}), j < c
     merged = bounds[2:] - bounds[:-2]  # removing b_i (i < c) merges i - 1 and i
     free = c - xp.arange(c, dtype=xp.int32)
@@ -305,10 +321,108 @@ def _full_plan(bounds, order, cap: int, xp) -> OnlinePlan:
         cap,
         xp,
     )
-    keep_free, one_more, merged_cost = costs[:c], costs[c : 2 * c], costs[2 * c :]
-    before = xp.concatenate([zero, xp.cumsum(keep_free, dtype=xp.int32)])  # before[i]
-    # after[i] = one_more[i + 1] + ... + one_more[c - 1], for i = 1 .. c - 1.
-    after = xp.cumsum(one_more[::-1], dtype=xp.int32)[::-1]
+    return _plan_from_costs(
+        bounds, order, costs[:c], costs[c : 2 * c], costs[2 * c :], xp
+    )
+
+
+def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
+    """`_full_plan`, compiled, for more than `chunk` slots, in $O(h)$ revolve costs
+    for the first `h` stretches that are not trivial (`_hard_extent`).
+
+    The stretches are priced `chunk` at a time in a loop (usually one iteration),
+    carrying running sums and the best early option so far; past them, every
+    stretch costs one step less than its length, with its own free slots or one
+    more, and replacing any of their boundaries costs one step more than keeping
+    (see `_head_plan`). With $B_m$ the own costs before stretch $m$, $P_m$ the
+    one-more costs before it and $M$ all of them, replacing $b_{m+1}$ costs $B_m +$
+    merged$_m + M - P_{m+2}$: the loop finds the best $B_m +$ merged$_m - P_{m+2}$
+    before $M$ is known. First minima win, so the decisions are the full plan's.
+    """
+    c = order.shape[0]
+    # b_0 .. b_c, then zero-length stretches (cost 0) for the last chunk to read.
+    bounds = jnp.concatenate([bounds, jnp.broadcast_to(bounds[c], (chunk + 1,))])
+    extent = _hard_extent(bounds[: c + 1], c, jnp)
+
+    def price_chunk(index, carry):
+        own_sum, late_sum, more_sum, best, best_merge = carry
+        start = index * chunk
+        # Stretches start .. start + chunk (one past the chunk, for the last merge).
+        length = jnp.diff(lax.dynamic_slice(bounds, (start,), (chunk + 2,)))
+        stretch = start + jnp.arange(chunk + 1, dtype=jnp.int32)
+        free = jnp.maximum(c - stretch, 0)
+        costs = revolve_cost_capped(
+            jnp.concatenate([length, length, length[:-1] + length[1:]]),
+            jnp.concatenate([free, free + 1, free[:-1]]),
+            cap,
+            jnp,
+        )
+        own, more = costs[:chunk], costs[chunk + 1 : 2 * chunk + 2]
+        merged = costs[2 * chunk + 2 :]  # merge m = start + w (replacing b_{m+1})
+        # One prefix sum for both rows (each is a kernel of its own on XLA:CPU).
+        sums = jnp.cumsum(jnp.stack([costs[: chunk + 1], more]), axis=1)
+        own_through, more_through = sums[0, :chunk], sums[1, 1:]
+        before = own_sum + own_through - own  # B_m
+        value = jnp.where(
+            stretch[:-1] <= c - 2, before + merged - more_sum - more_through, INT32_MAX
+        )
+        w = jnp.argmin(value).astype(jnp.int32)
+        better = value[w] < best
+        # The stretches of the chunk before the last one (c - 1).
+        early_stretches = jnp.clip(c - 1 - start, 0, chunk)
+        return (
+            own_sum + own_through[-1],
+            late_sum
+            + jnp.where(early_stretches > 0, own_through[early_stretches - 1], 0),
+            more_sum + more_through[-2],
+            jnp.where(better, value[w], best),
+            jnp.where(better, start + w, best_merge),
+        )
+
+    zero = jnp.int32(0)
+    chunks = (extent + chunk - 1) // chunk
+    init = (zero, zero, zero, jnp.int32(INT32_MAX), jnp.int32(-1))
+    own_sum, late_sum, more_sum, best, best_merge = lax.fori_loop(
+        0, chunks, price_chunk, init
+    )
+    # Stretches from `priced` on cost one step less than their length.
+    priced = chunks * chunk
+    first_trivial = jnp.minimum(priced, c)
+    trivial_sum = bounds[c] - bounds[first_trivial] - (c - first_trivial)
+    keep = own_sum + trivial_sum
+    last_is_trivial = priced <= c - 1
+    late = (
+        late_sum
+        + trivial_sum
+        - jnp.where(last_is_trivial, bounds[c] - bounds[c - 1] - 1, 0)
+    )
+    # `best` stays INT32_MAX only if no chunk was priced: then the tail is taken.
+    general = jnp.where(best_merge < 0, 0, best) + more_sum + trivial_sum
+    # Replacing b_{m+1}, m >= priced: one step more than keeping, the first one best.
+    use_tail = (priced <= c - 2) & ((best_merge < 0) | (keep + 1 < general))
+    early = jnp.where(use_tail, keep + 1, general)
+    early_slot = order[jnp.where(use_tail, jnp.minimum(priced, c - 1), best_merge)]
+    return OnlinePlan(
+        order=order,
+        keep=keep,
+        early=early.astype(jnp.int32),
+        early_slot=early_slot.astype(jnp.int32),
+        late=late.astype(jnp.int32),
+        late_slot=order[c - 1],
+        last=bounds[c],
+        second_last=bounds[c - 1],
+    )
+
+
+def _plan_from_costs(bounds, order, own, more, merged_cost, xp) -> OnlinePlan:
+    """The plan from each stretch's revolve cost with its own free slots (`own`) and
+    with one more (`more`), and that of stretches `i - 1` and `i` merged
+    (`merged_cost[i - 1]`, `c - i + 1` free slots)."""
+    c = order.shape[0]
+    zero = xp.zeros((1,), dtype=xp.int32)
+    before = xp.concatenate([zero, xp.cumsum(own, dtype=xp.int32)])  # before[i]
+    # after[i] = more[i + 1] + ... + more[c - 1], for i = 1 .. c - 1.
+    after = xp.cumsum(more[::-1], dtype=xp.int32)[::-1]
     after = xp.concatenate([after[2:], zero])[: c - 1]
     early_prices = before[: c - 1] + merged_cost + after
     if c > 1:
