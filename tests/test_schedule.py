@@ -30,6 +30,7 @@ from loopax._schedule import (
     schedule,
     suggest_checkpoints as loopax_suggest,
 )
+from loopax._schedule.counts import online_table
 from loopax._schedule.offline import (
     INT32_MAX,
     _repetition_number,
@@ -450,6 +451,17 @@ def test_incremental_plan_matches_greedy_rule(checkpoints, num_steps):
     assert forward_slots(checkpoints, num_steps) == _greedy_forward_slots(
         checkpoints, num_steps
     )
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 17, 64, 150, 1000])
+def test_compiled_table_matches_the_replay(checkpoints):
+    """The compiled forward sweep's trace-time table comes from the fast-forward
+    (`online_table`); it equals the replay of the rule's plans (`forward_slots`),
+    store by store, at every length up to 4096 (Diffrax's default bound)."""
+    table = online_table(checkpoints, 4096)
+    assert table == forward_slots(checkpoints, 4096)
+    for n in (1, checkpoints, checkpoints + 1, 1000):
+        assert online_table(checkpoints, n) == table[:n]
 
 
 @pytest.mark.parametrize(

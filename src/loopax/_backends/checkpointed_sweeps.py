@@ -26,10 +26,10 @@ from .._schedule import (
     reverse_init,
     reverse_step,
 )
+from .._schedule.counts import online_table
 from .._schedule.offline import INT32_MAX
 from .._schedule.online import (
     OnlinePlan,
-    forward_slots as online_forward_slots,
     next_store,
     online_plan,
     online_store,
@@ -123,7 +123,7 @@ def recording_forward(
     """
     exact = forward_slots is not None
     if not exact:
-        forward_slots = online_forward_slots(
+        forward_slots = online_table(
             checkpoints, online_table_length(max_steps, checkpoints)
         )
     num_table = len(forward_slots)

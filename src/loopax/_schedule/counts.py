@@ -21,6 +21,7 @@ References: Griewank & Walther (2000), *Algorithm 799: Revolve* (full entries:
 docs/how-it-works.md, References).
 """
 
+import functools as ft
 import itertools
 import math
 import operator
@@ -202,9 +203,34 @@ def _capped_costs(lengths, free, cap: int) -> list[int]:
     return costs.tolist()
 
 
-def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool]:
+@ft.lru_cache(maxsize=32)
+def online_table(checkpoints: int, num_steps: int) -> tuple[int, ...]:
+    """`online.forward_slots(checkpoints, num_steps)`, the slot the online rule
+    stores each `x_k` into (or -1), from the fast-forward: the compiled forward
+    sweep's trace-time table. The slot of the replaced `b_i` is the `i`-th of the
+    slots sorted by the step they hold. About 10x faster than stepping the rule's
+    plans in NumPy (4096 steps: 0.024 against 0.27 s at c = 8, 0.13 against 0.90 s
+    at c = 64), which the compile of every bounded loop used to pay."""
+    c = checkpoints
+    slots = [*range(min(c, num_steps))]
+    if num_steps > c:
+        stores: list[tuple[int, int]] = []
+        _fast_forward([*range(c + 1)], c, num_steps, stores)
+        slots += [-1] * (num_steps - c)
+        order = [*range(c)]  # The slots of b_1 .. b_c.
+        for k, i in stores:
+            slot = order.pop(i - 1)
+            order.append(slot)
+            slots[k - 1] = slot
+    return tuple(slots)
+
+
+def _fast_forward(
+    b: list[int], c: int, num_steps: int, stores: list | None = None
+) -> tuple[list[int], bool]:
     """Apply the online rule's stores up to step `num_steps`, starting from the
-    sorted positions `b` (with `b[0] = 0`) right after a store at `b[c]`."""
+    sorted positions `b` (with `b[0] = 0`) right after a store at `b[c]`. With
+    `stores`, append each store to it as `(step, i)`: `x_step` replaced `b_i`."""
     cap = INT32_MAX // (2 * c + 4)
 
     def q(length):  # keeping: the last stretch with no free slot
@@ -288,9 +314,12 @@ def _fast_forward(b: list[int], c: int, num_steps: int) -> tuple[list[int], bool
             i = inner.index(low) + 1
         else:
             i = c
+        if stores is not None:
+            stores.append((k, i))
         signature = (first, i, keep, last, t(1 + gap), inner)
         if (
-            signature == previous[0]
+            stores is None
+            and signature == previous[0]
             and (grown := _unit_step(previous[1], lengths)) is not None
         ):
             # Saturated: this store is priced exactly as the previous one, and the
