@@ -153,6 +153,14 @@ def test_default_checkpoints_from_max_steps():
         assert_tree_allclose(grad(X0, _int(n)), _ref_grad()(X0, _int(n)), atol=1e-5)
 
 
+@pytest.mark.parametrize("checkpoints", [None, 1, 3])
+def test_max_steps_zero_under_grad(checkpoints):
+    """`max_steps=0` runs no step: the gradient is the identity's, not a crash from
+    writing a per-step stack with no rows."""
+    grad = jax.grad(lambda x: _loss(x, _int(5), checkpoints, 0))(X0)
+    assert_tree_allclose(grad, jnp.ones_like(X0))
+
+
 def test_neither_checkpoints_nor_max_steps():
     value = jax.jit(ft.partial(_loss, checkpoints=None, max_steps=None))(X0, _int(5))
     np.testing.assert_allclose(value, _ref_loss(X0, _int(5), BOUND), rtol=1e-6)

@@ -83,6 +83,12 @@ def _buffer_loop(body, kind="lax"):
     jax.block_until_ready(jax.jit(run)())
 
 
+def _export(f):
+    """Export `f` for a float vector of symbolic length."""
+    (b,) = jax.export.symbolic_shape("b")
+    jax.export.export(jax.jit(f))(jax.ShapeDtypeStruct((b,), jnp.float32))
+
+
 def _no_matplotlib():
     saved = {k: v for k, v in sys.modules.items() if k.startswith("matplotlib")}
     try:
@@ -177,6 +183,15 @@ _TRIGGERS = {
     "budget-no-bytes": lambda: loopax.checkpoints_for_budget(
         {"b": jnp.zeros(3)}, "1KiB", buffers=lambda c: c["b"]
     ),
+    "budget-symbolic": lambda: _export(
+        lambda x: loopax.while_loop(
+            lambda c: c[0] < 3,
+            toy_body,
+            (0, x),
+            checkpoints="auto",
+            memory_budget="1MB",
+        )
+    ),
     "check-buffers-type": lambda: toy_loop(check_buffers=1),
     "not-callable": lambda: loopax.while_loop(3, toy_body, toy_init()),
     "fori-body-not-callable": lambda: loopax.fori_loop(0, 3, None, 0.0),
@@ -209,6 +224,9 @@ _TRIGGERS = {
         lambda c, x: (c, x), 0.0, jnp.ones(2), reverse=1
     ),
     "scan-length": lambda: loopax.scan(lambda c, x: (c, x), 0.0, None, length=-1),
+    "scan-length-symbolic": lambda: _export(
+        lambda x: loopax.scan(lambda c, xi: (c, c), 0.0, x)
+    ),
     "scan-length-traced": lambda: jax.jit(
         lambda n: loopax.scan(lambda c, x: (c, x), 0.0, None, length=n)
     )(3),

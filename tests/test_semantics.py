@@ -233,3 +233,50 @@ def test_buffer_returned_as_plain_array_is_refused():
                 max_steps=3,
                 check_buffers=check_buffers,
             )
+
+
+def test_symbolic_shapes_under_jax_export():
+    """`jax.export` with a symbolic dimension `b`, where `jax.lax` works: the
+    checkpoints' size check skips a size known only at run time, `scan(kind="lax")`
+    takes its length from `xs`, and `fori_loop` takes `b` as a traced bound."""
+    (b,) = jax.export.symbolic_shape("b")
+    vector = jax.ShapeDtypeStruct((b,), jnp.float32)
+    x = jnp.array([0.5, -1.0, 2.0])
+
+    def loop(x):
+        return loopax.while_loop(
+            lambda c: c[0] < 4,
+            lambda c: (c[0] + 1, jnp.sin(c[1])),
+            (0, x),
+            checkpoints=2,
+        )[1]
+
+    def scan(x):
+        return loopax.scan(lambda c, xi: (c * xi, c), 1.0, x, kind="lax")
+
+    def fori(x):
+        return loopax.fori_loop(0, x.shape[0], lambda i, c: jnp.sin(c), x, max_steps=8)
+
+    def loss(f):
+        return lambda x: jnp.sum(jax.tree.leaves(f(x))[-1])
+
+    for f in (loop, scan, fori):
+        for g in (f, jax.grad(loss(f))):
+            exported = jax.export.export(jax.jit(g))(vector)
+            assert_tree_allclose(exported.call(x), g(x))
+    with pytest.raises(ValueError, match="needs a length known at trace time"):
+        jax.export.export(jax.jit(lambda x: loopax.scan(lambda c, xi: (c, c), 1.0, x)))(
+            vector
+        )
+    with pytest.raises(ValueError, match="the carry has symbolic shapes"):
+        jax.export.export(
+            jax.jit(
+                lambda x: loopax.while_loop(
+                    lambda c: c[0] < 4,
+                    lambda c: (c[0] + 1, c[1]),
+                    (0, x),
+                    checkpoints="auto",
+                    memory_budget="1MB",
+                )
+            )
+        )(vector)

@@ -25,6 +25,8 @@ _Carry = TypeVar("_Carry")
 
 def _check_bound(name: str, bound: Any) -> Any:
     """`bound` as an integer scalar (a Python int stays one), or raise naming it."""
+    if jax.export.is_symbolic_dim(bound):  # A shape under `jax.export`: traced.
+        return jnp.asarray(bound)
     if isinstance(bound, bool) or not (
         isinstance(bound, int)
         or (hasattr(bound, "dtype") and jnp.issubdtype(bound.dtype, jnp.integer))

@@ -168,9 +168,14 @@ def checkpoints_for_budget(
         carry split over 8 devices fits 8 times the checkpoints; leaves sharded only
         by automatic propagation inside `jit` count whole.
     """
-    return checkpoints_for_bytes(
-        carry_bytes(init_val, buffers), memory_budget, max_steps=max_steps
-    )
+    nbytes = carry_bytes(init_val, buffers)
+    if not isinstance(nbytes, int | np.integer):
+        raise ValueError(
+            "`memory_budget` needs the size of the carry at trace time, but the carry "
+            f"has symbolic shapes (`jax.export`): its bytes are {nbytes}. Pass an "
+            "int `checkpoints` instead of 'auto'."
+        )
+    return checkpoints_for_bytes(nbytes, memory_budget, max_steps=max_steps)
 
 
 def suggest_checkpoints(

@@ -182,9 +182,18 @@ def scan(
     check_bool("reverse", reverse, "Pass reverse=True to scan from the last step.")
     xs = jtu.tree_map(jnp.asarray, xs)
     num_steps = _scan_length(xs, length)
+    symbolic = jax.export.is_symbolic_dim(num_steps)
+    if symbolic and kind != "lax":
+        raise ValueError(
+            f"`loopax.scan(kind={kind!r})` needs a length known at trace time, but the "
+            f"length is the symbolic dimension {num_steps} (`jax.export`): its "
+            "checkpoint schedule is planned for the length. Use kind='lax' (a plain "
+            "`lax.scan`, whose gradient stores every step), or `loopax.fori_loop` "
+            "with `upper` the symbolic dimension."
+        )
     check_loop_options(
         kind=kind,
-        max_steps=num_steps,
+        max_steps=None if symbolic else num_steps,
         checkpoints=checkpoints,
         base=16,
         buffers=buffers,
@@ -259,8 +268,10 @@ def run_scan(
         )
 
         def run_lax():
+            # `lax.scan` takes a symbolic length (`jax.export`) from `xs` only.
+            length = None if jax.export.is_symbolic_dim(num_steps) else num_steps
             final, ys = lax.scan(
-                loop.body, loop.init(), xs, length=num_steps, reverse=reverse
+                loop.body, loop.init(), xs, length=length, reverse=reverse
             )
             return loop.final_value(final.value), loop.final_outputs(ys)
 

@@ -185,6 +185,8 @@ CHECKPOINT_BYTES_LIMIT = 2**40
 
 def check_checkpoint_bytes(checkpoints: int, carry_bytes: int) -> None:
     """Refuse a `checkpoints` whose stack could never be allocated."""
+    if not isinstance(carry_bytes, int | np.integer):
+        return  # A symbolic shape (`jax.export`): its size is unknown until run time.
     if checkpoints * carry_bytes > CHECKPOINT_BYTES_LIMIT:
         raise ValueError(
             f"`checkpoints={checkpoints}` copies of the carry ({carry_bytes} bytes "

@@ -85,6 +85,9 @@ def checkpointed_while_loop(
         )
 
     init_state = loop.init()
+    if loop.max_steps == 0 and not loop.has_outputs:
+        # No step can run. (Its per-step stacks would have no rows to write to.)
+        return init_state
     leaves, state_def = jtu.tree_flatten(init_state)
     with_outputs = loop.has_outputs
     ys_def = jtu.tree_structure(loop.output_struct)
