@@ -26,12 +26,14 @@ time by the kernels it adds, not by its instructions.
 
 Workload: the RK4 neural ODE (state 64, MLP width 128, N = 1000 steps) of
 `against_equinox.py`, first order (gradient) at c = 8, 32, 128 and store-all, and
-second order (gradient of the gradient's norm) at c = 8.
+second order (gradient of the gradient's norm) at c = 8, both reverse over reverse
+(`grad` of `grad`) and forward over reverse (`jvp` of `grad`: the same numbers).
 
 Run: `python benchmarks/compile_time.py [--quick] [--rounds R] [--kernels]`.
 """
 
 import argparse
+import functools as ft
 import os
 import re
 import statistics
@@ -91,6 +93,18 @@ def second_order(loss):
     return jax.grad(grad_norm, argnums=0)
 
 
+def second_order_forward_over_reverse(loss):
+    """`second_order`'s gradient, by forward over reverse: the gradient of
+    `|g|^2`, `g = grad_y L`, is `2 H_py g`, the derivative of `grad_p L` along `g`."""
+
+    def grad_of_grad_norm(p, y):
+        g = jax.grad(loss, argnums=1)(p, y)
+        grad_p = ft.partial(jax.grad(loss, argnums=0), p)
+        return jax.tree.map(lambda t: 2 * t, jax.jvp(grad_p, (y,), (g,))[1])
+
+    return grad_of_grad_norm
+
+
 def stages(fn, args) -> dict:
     """Seconds per stage (wall clock and CPU) with cold caches, and the optimized
     HLO's size."""
@@ -131,11 +145,18 @@ def kernels(order: str, checkpoints: int, library: str) -> dict:
     return dict(kernels=len(times), llvm_s=sum(times))
 
 
+_TRANSFORMS = {
+    "grad": first_order,
+    "grad of grad": second_order,
+    "jvp of grad": second_order_forward_over_reverse,
+}
+
+
 def probe(order: str, checkpoints: int, library: str):
     """Compile one case once (run by `kernels` in a subprocess)."""
     params = mlp_params(jr.PRNGKey(0), STATE, WIDTH)
     y0 = jr.normal(jr.PRNGKey(1), (STATE,))
-    transform = first_order if order == "grad" else second_order
+    transform = _TRANSFORMS[order]
     lowered = jax.jit(transform(loss_for(library, checkpoints))).lower(params, y0)
     print(_MARK, file=sys.stderr, flush=True)
     lowered.compile()
@@ -147,12 +168,13 @@ def main(quick: bool, rounds: int, with_kernels: bool):
     args = (params, y0)
     cases = [("grad", c, first_order) for c in (8, 32, 128, NUM_STEPS)]
     cases.append(("grad of grad", 8, second_order))
+    cases.append(("jvp of grad", 8, second_order_forward_over_reverse))
     if quick:
-        cases = [cases[0], cases[-1]]
+        cases = [cases[0], *cases[-2:]]
     rows = []
     for order, c, transform in cases:
         # Equinox's checkpointed loop is a `custom_vjp`: no second order.
-        libraries = ["loopax"] if transform is second_order else ["loopax", "equinox"]
+        libraries = ["loopax"] if order != "grad" else ["loopax", "equinox"]
         samples = {library: [] for library in libraries}
         for r in range(rounds):
             # Alternate, in turn in both orders, so drift hits both alike.
