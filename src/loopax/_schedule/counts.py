@@ -11,7 +11,10 @@ that took longer than the gradient it described. The counts need much less:
   known length they are revolve's first sweep, `c` splits (`revolve_positions`). For
   the online rule they are found by jumping from one store to the next
   (`online_positions`): between stores the rule's options change in two terms
-  only, whose difference is convex, so the next store is found by bisection.
+  only, whose difference is convex, so the next store is found in closed form
+  (checked, with bisection as the fallback); and repeated cycles of stores that
+  only grow one stretch (most stores when `c` is large) are jumped over whole
+  (`_cycle_jump`).
 
 Everything here is checked against the exact replay (`replay.py`, which runs the real
 rules step by step) over a grid of `(n, c)` in the tests: if the online rule changes,
@@ -27,14 +30,11 @@ import math
 import operator
 from typing import NamedTuple
 
-import numpy as np
-
 from .offline import (
     INT32_MAX,
     _repetition_number,
     beta,
     revolve_cost,
-    revolve_cost_capped,
     revolve_split_int,
 )
 
@@ -138,9 +138,14 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     never grows again (one step, where `Q` reaches its cap, is checked alone), and if
     it is not positive there the rule never stores again.
 
-    Work: O(c) per store (the constants) plus O(log n) per store to find the next
-    one; positions are cached per `checkpoints`, so a longer loop resumes where a
-    shorter one stopped. Memory O(c).
+    Work: O(c) per store visited (the constants) plus a few closed forms to find
+    the next one (`_first_positive_guess`); repeated cycles of up to
+    `_CYCLE_STORES / 2` stores are jumped over in O(log n) closed forms per change
+    of a repetition number (`_cycle_jump`), which with many slots skips most stores
+    (1000 slots: all but ~2000 of the ~250 000 stores up to 500 000 steps). Without
+    such cycles (few slots) every store is still visited. Positions are cached per
+    `checkpoints`, so a longer loop resumes where a shorter one stopped. Memory
+    O(c) (the last `_CYCLE_STORES` stores' prices are kept).
     """
     c = checkpoints
     if num_steps <= c:
@@ -185,22 +190,21 @@ def _cost_one_slot(length: int, cap: int) -> int:
 
 
 def _capped_costs(lengths, free, cap: int) -> list[int]:
-    """`revolve_cost_capped` for each pair, exactly as the rule computes them;
-    Python ints for a few, NumPy (the rule's own function) for many. A stretch of
-    `l` steps with `s >= max(l - 2, 1)` free slots costs `l - 1` (repetition number
-    1; `cap` past it), with no table lookup: with many slots most stretches are so."""
-    if len(lengths) <= 32:
-        return [_rule_cost(lo, s, cap) for lo, s in zip(lengths, free, strict=True)]
-    lengths = np.asarray(lengths, dtype=np.int32)
-    free = np.asarray(free, dtype=np.int32)
-    costs = np.where(lengths > cap, cap, np.maximum(lengths - 1, 0))
-    (hard,) = np.nonzero((free < 1) | (lengths > free + 2))
-    if len(hard) <= 32:
-        for j in hard.tolist():
-            costs[j] = _rule_cost(int(lengths[j]), int(free[j]), cap)
-    else:
-        costs[hard] = revolve_cost_capped(lengths[hard], free[hard], cap, np)
-    return costs.tolist()
+    """`revolve_cost_capped` for each pair, exactly as the rule computes them, on
+    Python ints. A stretch of `l` steps with `s >= max(l - 2, 1)` free slots costs
+    `l - 1` (repetition number 1; `cap` past it), with no table lookup: with many
+    slots most stretches are so. The others repeat (the same few lengths come back
+    with the same free slots, store after store), so their costs are memoized."""
+    return [
+        (0 if lo <= 1 else lo - 1 if lo <= cap else cap)
+        if 1 <= s and lo <= s + 2
+        else _memo_rule_cost(lo, s, cap)
+        for lo, s in zip(lengths, free, strict=True)
+    ]
+
+
+# Bounded, so planning keeps a constant memory footprint besides its O(c) state.
+_memo_rule_cost = ft.lru_cache(maxsize=1 << 14)(_rule_cost)
 
 
 @ft.lru_cache(maxsize=32)
@@ -259,6 +263,7 @@ def _fast_forward(
         top += 1
     previous = (None, [])
     history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
+    quiet = 0  # No cycle is tried while the history holds at most `quiet` stores.
     lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
     # Stretch j's cost with its own free slots (c - j) and with one more, and that of
     # stretches i - 1 and i merged (c - i + 1 free), i = 1 .. c - 1, at merged[i - 1].
@@ -282,8 +287,14 @@ def _fast_forward(
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
         last = before[c - 1]
         gap = b[c] - b[c - 1]
-        jump = _cycle_jump(history, lengths, c, cap, num_steps - b[c], q, t)
-        if jump is not None:
+        jump = None
+        if len(history) > quiet:
+            jump = _cycle_jump(history, lengths, c, cap, num_steps - b[c], q, t)
+        if isinstance(jump, int):
+            # The cycle does not repeat: it diverges within its next `jump` stores,
+            # so trying it again before those are in the history is wasted work.
+            quiet = len(history) + jump
+        elif jump is not None:
             # Only stretch p grew: its own costs and the two merges with it change.
             p, growth = jump
             lengths = [*lengths[:p], lengths[p] + growth, *lengths[p + 1 :]]
@@ -293,6 +304,7 @@ def _fast_forward(
                 merged[m - 1] = _rule_cost(lengths[m - 1] + lengths[m], c - m + 1, cap)
             previous = (None, [])
             history.clear()
+            quiet = 0
             continue
         limit = num_steps - b[c]
         first = None
@@ -347,6 +359,7 @@ def _fast_forward(
         history.append((lengths, inner, keep, last, first, i))
         if len(history) > _CYCLE_STORES:
             del history[0]
+            quiet -= 1
         b = b[:i] + b[i + 1 :] + [k]
         # Storing x_k in place of b_i changes the stretches from i - 1 on: i - 1 and
         # i (or [b_c, k) for i = c) merge, the later ones move one place down (one
@@ -375,7 +388,8 @@ _CYCLE_STORES = 64
 def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
     """Jump over repetitions of a cycle of stores: `(p, growth)` if the stores after
     the current state (right after a store) repeat the last `P` stores, each cycle
-    growing stretch `p` only, `growth` steps in all; else None.
+    growing stretch `p` only, `growth` steps in all; `P` if the last `P` stores
+    look like such a cycle but the next `P` do not repeat them; else None.
 
     With many slots most stores are such cycles: each stretch that becomes nontrivial
     to reverse is grown by merges while the stretches after it (the last slots) run
@@ -427,8 +441,10 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
     def regime(m):
         return [state.regime(m * growth) for state in cycle]
 
-    if most == 0 or not holds(1):
+    if most == 0:
         return None
+    if not holds(1):
+        return period
     lo = 1  # holds at lo
     while True:
         # The last m in [lo, most] in the same regime as lo (monotone in m).
