@@ -142,7 +142,7 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     the next one (`_first_positive_guess`); repeated cycles of up to
     `_CYCLE_STORES / 2` stores are jumped over in O(log n) closed forms per change
     of a repetition number (`_cycle_jump`), which with many slots skips most stores
-    (1000 slots: all but ~2000 of the ~250 000 stores up to 500 000 steps). Without
+    (1000 slots: ~2000 of the ~200 000 stores up to 400 000 steps are visited). Without
     such cycles (few slots) every store is still visited. Positions are cached per
     `checkpoints`, so a longer loop resumes where a shorter one stopped. Memory
     O(c) (the last `_CYCLE_STORES` stores' prices are kept).
@@ -318,16 +318,16 @@ def _fast_forward(
             def f(length, constant=constant, offset=offset):
                 return constant + q(length + 1) - t(length + offset)
 
-            found = _first_positive_guess(constant, offset)
+            # The guess is the first positive if f is positive there and not at
+            # 1 and the step before: f is convex up to `bound` (`_first_positive`).
             bound = min(limit, top, t_capped_from(offset) - 1)
+            found = _first_positive_guess(constant, offset) if bound >= 1 else None
             if not (
                 found is not None
                 and found <= bound
                 and f(found) > 0
                 and (found == 1 or (f(1) <= 0 and f(found - 1) <= 0))
             ):
-                # Otherwise `found` is the first positive: f is convex on [1,
-                # found] (see `_first_positive`) and not positive at both ends.
                 found = _first_positive(f, limit, top, t_capped_from(offset))
             if found is not None and (first is None or found < first):
                 first = found
@@ -356,7 +356,7 @@ def _fast_forward(
             lengths[grown] += num_steps - b[c]
             return [0, *itertools.accumulate(lengths)], False
         previous = (signature if first == 1 else None, lengths)
-        history.append((lengths, inner, keep, last, first, i))
+        history.append((lengths, inner, keep, last, (first, i)))
         if len(history) > _CYCLE_STORES:
             del history[0]
             quiet -= 1
@@ -413,16 +413,16 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
     count = len(history)
     if count < 2:
         return None
-    decision = history[-1][4:]
+    decision = history[-1][4]
     end = lengths[-1]
     for period in range(1, count // 2 + 1):
-        if history[-1 - period][4:] != decision or history[-period][0][-1] != end:
+        if history[-1 - period][4] != decision or history[-period][0][-1] != end:
             continue
-        decisions = [state[4:] for state in history[-2 * period :]]
+        decisions = [state[4] for state in history[-2 * period :]]
         if decisions[:period] != decisions[period:]:
             continue
         old = history[-period]
-        p = min([decision[1] for decision in decisions[-period:]]) - 1
+        p = min([i for _, i in decisions[-period:]]) - 1
         if (
             p <= c - 2
             and old[0][p + 1 :] == lengths[p + 1 :]
@@ -474,9 +474,8 @@ class _CycleState:
     `p`'s length, grown by `extra`."""
 
     def __init__(self, state, p, c, cap, q, t):
-        lengths, inner, keep, last, first, i = state
+        lengths, inner, keep, last, self.decision = state
         self.p, self.c, self.cap, self.q, self.t = p, c, cap, q, t
-        self.decision = (first, i)
         self.x = lengths[p]
         self.before = lengths[p - 1] if p >= 1 else None
         self.after = lengths[p + 1]
