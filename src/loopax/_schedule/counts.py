@@ -295,8 +295,14 @@ def _fast_forward(
             # so trying it again before those are in the history is wasted work.
             quiet = len(history) + jump
         elif jump is not None:
+            p, growth, period = jump
+            if stores is not None:  # The cycle's stores, repeated.
+                step = b[c]
+                while step < b[c] + growth:
+                    for first, i in [state[4] for state in history[-period:]]:
+                        step += first
+                        stores.append((step, i))
             # Only stretch p grew: its own costs and the two merges with it change.
-            p, growth = jump
             lengths = [*lengths[:p], lengths[p] + growth, *lengths[p + 1 :]]
             b = [0, *itertools.accumulate(lengths)]
             own[p], more[p] = _capped_costs([lengths[p]] * 2, [c - p, c - p + 1], cap)
@@ -387,9 +393,9 @@ _CYCLE_STORES = 64
 
 
 def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
-    """Jump over repetitions of a cycle of stores: `(p, growth)` if the stores after
-    the current state (right after a store) repeat the last `P` stores, each cycle
-    growing stretch `p` only, `growth` steps in all; `P` if the last `P` stores
+    """Jump over repetitions of a cycle of stores: `(p, growth, P)` if the stores
+    after the current state (right after a store) repeat the last `P` stores, each
+    cycle growing stretch `p` only, `growth` steps in all; `P` if the last `P` stores
     look like such a cycle but the next `P` do not repeat them; else None.
 
     With many slots most stores are such cycles: each stretch that becomes nontrivial
@@ -459,7 +465,7 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
                 hi += step
         if holds(hi):
             if hi == most or not holds(hi + 1):
-                return p, hi * growth
+                return p, hi * growth, period
             lo = hi + 1
             continue
         # Holds at lo, not at hi: the repetitions that hold here are [lo, last].
@@ -467,7 +473,7 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
         while bad - lo > 1:
             mid = (lo + bad) // 2
             lo, bad = (mid, bad) if holds(mid) else (lo, mid)
-        return p, lo * growth
+        return p, lo * growth, period
 
 
 class _CycleState:
