@@ -635,6 +635,33 @@ def test_online_positions_match_the_rule(checkpoints):
         ), (n, checkpoints)
 
 
+@pytest.mark.parametrize(
+    "checkpoints, num_steps, cuts",
+    [(1, 3000, 15), (2, 3000, 15), (3, 3000, 15), (4, 4000, 15), (8, 5000, 15)]
+    + [(16, 5000, 15), (64, 5000, 15), (100, 5000, 10), (1000, 4000, 4)],
+)
+def test_online_positions_jumps_are_exact(checkpoints, num_steps, cuts):
+    """The fast-forward's jumps (`_cycle_jump`: repeated cycles of stores, e.g. with
+    1000 slots runs of up to 1000 stores that merge the same two stretches, with 64
+    nested cycles past c²/2 steps; the `isqrt` guess of the next store) stop
+    exactly where the rule changes its mind: from a fresh cache, so that the jumps
+    are cut at many different steps, the positions equal those of the step-by-step
+    rule."""
+    slots = forward_slots(checkpoints, num_steps)
+    rng = np.random.default_rng(checkpoints)
+    ends = sorted({num_steps, *rng.integers(1, num_steps, cuts).tolist()})
+    pos = [-1] * checkpoints
+    done = 0
+    for end in ends:
+        for step in range(done + 1, end + 1):
+            if slots[step - 1] >= 0:
+                pos[slots[step - 1]] = step
+        done = end
+        online_positions.__globals__["_ONLINE"].clear()
+        want = tuple(sorted(p for p in pos if p >= 0))
+        assert online_positions(end, checkpoints) == want, (checkpoints, end)
+
+
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])
 def test_revolve_positions_match_the_table(checkpoints):
     for n in [0, 1, 2, 3, 4, 10, 14, 77, 300, 1234]:

@@ -11,7 +11,10 @@ that took longer than the gradient it described. The counts need much less:
   known length they are revolve's first sweep, `c` splits (`revolve_positions`). For
   the online rule they are found by jumping from one store to the next
   (`online_positions`): between stores the rule's options change in two terms
-  only, whose difference is convex, so the next store is found by bisection.
+  only, whose difference is convex, so the next store is found in closed form
+  (checked, with bisection as the fallback); and repeated cycles of stores that
+  only grow one stretch (most stores when `c` is large) are jumped over whole
+  (`_cycle_jump`).
 
 Everything here is checked against the exact replay (`replay.py`, which runs the real
 rules step by step) over a grid of `(n, c)` in the tests: if the online rule changes,
@@ -27,14 +30,11 @@ import math
 import operator
 from typing import NamedTuple
 
-import numpy as np
-
 from .offline import (
     INT32_MAX,
     _repetition_number,
     beta,
     revolve_cost,
-    revolve_cost_capped,
     revolve_split_int,
 )
 
@@ -138,9 +138,14 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     never grows again (one step, where `Q` reaches its cap, is checked alone), and if
     it is not positive there the rule never stores again.
 
-    Work: O(c) per store (the constants) plus O(log n) per store to find the next
-    one; positions are cached per `checkpoints`, so a longer loop resumes where a
-    shorter one stopped. Memory O(c).
+    Work: O(c) per store visited (the constants) plus a few closed forms to find
+    the next one (`_first_positive_guess`). Repeated cycles of up to
+    `_CYCLE_STORES / 2` stores are jumped over in O(log n) closed forms per change
+    of a repetition number (`_cycle_jump`); with many slots that skips most stores
+    (1000 slots: ~1700 of the ~200 000 stores up to 400 000 steps are visited).
+    Without such cycles (few slots) every store is still visited. Positions are
+    cached per `checkpoints`, so a longer loop resumes where a shorter one stopped.
+    Memory O(c) (and the last `_CYCLE_STORES` stores' prices).
     """
     c = checkpoints
     if num_steps <= c:
@@ -185,22 +190,21 @@ def _cost_one_slot(length: int, cap: int) -> int:
 
 
 def _capped_costs(lengths, free, cap: int) -> list[int]:
-    """`revolve_cost_capped` for each pair, exactly as the rule computes them;
-    Python ints for a few, NumPy (the rule's own function) for many. A stretch of
-    `l` steps with `s >= max(l - 2, 1)` free slots costs `l - 1` (repetition number
-    1; `cap` past it), with no table lookup: with many slots most stretches are so."""
-    if len(lengths) <= 32:
-        return [_rule_cost(lo, s, cap) for lo, s in zip(lengths, free, strict=True)]
-    lengths = np.asarray(lengths, dtype=np.int32)
-    free = np.asarray(free, dtype=np.int32)
-    costs = np.where(lengths > cap, cap, np.maximum(lengths - 1, 0))
-    (hard,) = np.nonzero((free < 1) | (lengths > free + 2))
-    if len(hard) <= 32:
-        for j in hard.tolist():
-            costs[j] = _rule_cost(int(lengths[j]), int(free[j]), cap)
-    else:
-        costs[hard] = revolve_cost_capped(lengths[hard], free[hard], cap, np)
-    return costs.tolist()
+    """`revolve_cost_capped` for each pair, exactly as the rule computes them, on
+    Python ints. A stretch of `l` steps with `s >= max(l - 2, 1)` free slots costs
+    `l - 1` (repetition number 1; `cap` past it), with no table lookup: with many
+    slots most stretches are so. The others repeat (the same few lengths come back
+    with the same free slots, store after store), so their costs are memoized."""
+    return [
+        (0 if lo <= 1 else lo - 1 if lo <= cap else cap)
+        if 1 <= s and lo <= s + 2
+        else _memo_rule_cost(lo, s, cap)
+        for lo, s in zip(lengths, free, strict=True)
+    ]
+
+
+# Bounded, so planning keeps a constant memory footprint besides its O(c) state.
+_memo_rule_cost = ft.lru_cache(maxsize=1 << 14)(_rule_cost)
 
 
 @ft.lru_cache(maxsize=32)
@@ -258,6 +262,8 @@ def _fast_forward(
     while (top + 2) * (top + 1) // 2 <= cap:
         top += 1
     previous = (None, [])
+    history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
+    quiet = 0  # No cycle is tried while the history holds at most `quiet` stores.
     lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
     # Stretch j's cost with its own free slots (c - j) and with one more, and that of
     # stretches i - 1 and i merged (c - i + 1 free), i = 1 .. c - 1, at merged[i - 1].
@@ -281,35 +287,61 @@ def _fast_forward(
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
         last = before[c - 1]
         gap = b[c] - b[c - 1]
-        options = []
-        low = min(inner) if inner else None
-        if low is not None:
-            options.append(
-                (
-                    lambda length, keep=keep, low=low: (
-                        keep + q(length + 1) - low - t(length)
-                    ),
-                    0,
-                )
-            )
-        options.append(
-            (
-                lambda length, keep=keep, last=last, gap=gap: (
-                    keep + q(length + 1) - last - t(length + gap)
-                ),
-                gap,
-            )
-        )
+        jump = None
+        if len(history) > quiet:
+            jump = _cycle_jump(history, lengths, c, cap, num_steps - b[c], q, t)
+        if isinstance(jump, int):
+            # The cycle does not repeat: it diverges within its next `jump` stores,
+            # so trying it again before those are in the history is wasted work.
+            quiet = len(history) + jump
+        elif jump is not None:
+            p, growth, period = jump
+            if stores is not None:  # The cycle's stores, repeated.
+                step = b[c]
+                while step < b[c] + growth:
+                    for first, i in [state[4] for state in history[-period:]]:
+                        step += first
+                        stores.append((step, i))
+            # Only stretch p grew: its own costs and the two merges with it change.
+            lengths = [*lengths[:p], lengths[p] + growth, *lengths[p + 1 :]]
+            b = [0, *itertools.accumulate(lengths)]
+            own[p], more[p] = _capped_costs([lengths[p]] * 2, [c - p, c - p + 1], cap)
+            for m in range(max(p, 1), p + 2):
+                merged[m - 1] = _rule_cost(lengths[m - 1] + lengths[m], c - m + 1, cap)
+            previous = (None, [])
+            history.clear()
+            quiet = 0
+            continue
         limit = num_steps - b[c]
         first = None
-        for f, offset in options:
-            found = _first_positive(f, limit, top, t_capped_from(offset))
+        # f(L) = keep + Q(L + 1) - (price - T(L + offset)), for the best inner
+        # option (offset 0) and replacing b_c (offset `gap`).
+        options = [(keep - last, gap)]
+        if inner:
+            options.insert(0, (keep - min(inner), 0))
+        for constant, offset in options:
+
+            def f(length, constant=constant, offset=offset):
+                return constant + q(length + 1) - t(length + offset)
+
+            # The guess is the first positive if f is positive there and not at
+            # 1 and the step before: f is convex up to `bound` (`_first_positive`).
+            bound = min(limit, top, t_capped_from(offset) - 1)
+            found = _first_positive_guess(constant, offset) if bound >= 1 else None
+            if not (
+                found is not None
+                and found <= bound
+                and f(found) > 0
+                and (found == 1 or (f(1) <= 0 and f(found - 1) <= 0))
+            ):
+                found = _first_positive(f, limit, top, t_capped_from(offset))
             if found is not None and (first is None or found < first):
                 first = found
         if first is None:
             return b, limit > top
         k = b[c] + first
         # The rule takes the first cheapest: the best inner option on a tie.
+        low = min(inner) if inner else None
         if low is not None and low + t(first) <= last + t(first + gap):
             i = inner.index(low) + 1
         else:
@@ -330,6 +362,10 @@ def _fast_forward(
             lengths[grown] += num_steps - b[c]
             return [0, *itertools.accumulate(lengths)], False
         previous = (signature if first == 1 else None, lengths)
+        history.append((lengths, inner, keep, last, (first, i)))
+        if len(history) > _CYCLE_STORES:
+            del history[0]
+            quiet -= 1
         b = b[:i] + b[i + 1 :] + [k]
         # Storing x_k in place of b_i changes the stretches from i - 1 on: i - 1 and
         # i (or [b_c, k) for i = c) merge, the later ones move one place down (one
@@ -351,6 +387,167 @@ def _fast_forward(
         )
 
 
+# How many of the last stores `_cycle_jump` remembers: it tries cycles seen twice in
+# a row, so cycles of up to half as many stores.
+_CYCLE_STORES = 64
+
+
+def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
+    """Jump over repetitions of a cycle of stores: `(p, growth, P)` if the stores
+    after the current state (right after a store) repeat the last `P` stores, each
+    cycle growing stretch `p` only, `growth` steps in all; `P` if the last `P` stores
+    look like such a cycle but the next `P` do not repeat them; else None.
+
+    With many slots most stores are such cycles: each stretch that becomes nontrivial
+    to reverse is grown by merges while the stretches after it (the last slots) run
+    through the same few states, e.g. with 1000 slots a store every 2 steps that
+    merges the same two stretches, or past ~c²/2 steps cycles of 3 stores in 12
+    steps. A cycle qualifies if its stores replace `b_i`, `i > p` only, some with
+    `i = p + 1` (merging stretch `p` with the next one), and leave every stretch
+    after `p` as it found them: then stretch `p`'s length `X` is the only change,
+    and each of the cycle's decisions depends on `X` through four revolve costs of
+    lengths `X + const` (stretch `p` with its own and one more free slot, its merges
+    with the stretches before and after it), the other prices relative to keeping
+    being constants. Between two points where the repetition number (or the cap) of
+    one of those costs changes every cost is affine in `X`, and "this state makes
+    the same decision" (the same store step `L` and option: the first cheapest
+    below keeping, at the first `L`) is a conjunction of linear inequalities in
+    `X`: it holds on an interval. So a repetition holds throughout such a stretch of
+    `X` if it holds at both ends, and bisection finds where it stops otherwise.
+    Exact, with O(P log) closed forms per stretch of `X`."""
+    # Cheap filters first: only a cycle seen twice in a row (the same decisions)
+    # that left the last stretch as it found it is tried.
+    count = len(history)
+    if count < 2:
+        return None
+    decision = history[-1][4]
+    end = lengths[-1]
+    for period in range(1, count // 2 + 1):
+        if history[-1 - period][4] != decision or history[-period][0][-1] != end:
+            continue
+        decisions = [state[4] for state in history[-2 * period :]]
+        if decisions[:period] != decisions[period:]:
+            continue
+        old = history[-period]
+        p = min([i for _, i in decisions[-period:]]) - 1
+        if (
+            p <= c - 2
+            and old[0][p + 1 :] == lengths[p + 1 :]
+            and old[0][p] < lengths[p]
+        ):
+            growth = lengths[p] - old[0][p]
+            break
+    else:
+        return None
+    cycle = [_CycleState(state, p, c, cap, q, t) for state in history[-period:]]
+    most = steps_left // growth  # whole cycles that fit
+
+    def holds(m):
+        return all(state.decides(m * growth) for state in cycle)
+
+    def regime(m):
+        return [state.regime(m * growth) for state in cycle]
+
+    if most == 0:
+        return None
+    if not holds(1):
+        return period
+    lo = 1  # holds at lo
+    while True:
+        # The last m in [lo, most] in the same regime as lo (monotone in m).
+        here = regime(lo)
+        hi, step = lo, 1
+        while hi + step <= most and regime(hi + step) == here:
+            hi, step = hi + step, 2 * step
+        while step > 1:
+            step //= 2
+            if hi + step <= most and regime(hi + step) == here:
+                hi += step
+        if holds(hi):
+            if hi == most or not holds(hi + 1):
+                return p, hi * growth, period
+            lo = hi + 1
+            continue
+        # Holds at lo, not at hi: the repetitions that hold here are [lo, last].
+        bad = hi
+        while bad - lo > 1:
+            mid = (lo + bad) // 2
+            lo, bad = (mid, bad) if holds(mid) else (lo, mid)
+        return p, lo * growth, period
+
+
+class _CycleState:
+    """One store of a cycle (`_cycle_jump`): its decision as a function of stretch
+    `p`'s length, grown by `extra`."""
+
+    def __init__(self, state, p, c, cap, q, t):
+        lengths, inner, keep, last, self.decision = state
+        self.p, self.c, self.cap, self.q, self.t = p, c, cap, q, t
+        self.x = lengths[p]
+        self.before = lengths[p - 1] if p >= 1 else None
+        self.after = lengths[p + 1]
+        self.gap = lengths[-1]
+        self.late = last - keep
+        # Options j < p (one price shift g(X)), j > p + 1 (constant): the first
+        # cheapest of each group, relative to keeping.
+        self.group_a = _first_min(inner[: p - 1], 1) if p >= 2 else None
+        self.group_b = _first_min(inner[p + 1 :], p + 2)
+        self.keep = keep
+        self.inner_p = inner[p - 1] if p >= 1 else None
+        self.inner_q = inner[p]
+        self.costs0 = self._costs(self.x)
+
+    def _costs(self, x):
+        c, p, cap = self.c, self.p, self.cap
+        own = _rule_cost(x, c - p, cap)
+        return (
+            _rule_cost(x, c - p + 1, cap) - own,
+            _rule_cost(self.before + x, c - p + 1, cap) - own if p >= 1 else 0,
+            _rule_cost(x + self.after, c - p, cap) - own,
+        )
+
+    def regime(self, extra):
+        c, p, x = self.c, self.p, self.x + extra
+        lens = [(x, c - p), (x, c - p + 1), (x + self.after, c - p)]
+        if p >= 1:
+            lens.append((self.before + x, c - p + 1))
+        out = []
+        for length, free in lens:
+            r = _repetition_number(length, free + 1)
+            out.append((r, r * length > self.cap))
+        return out
+
+    def decides(self, extra):
+        """Whether the rule, with stretch `p` `extra` steps longer, stores at the
+        same `L` in place of the same `b_i`."""
+        g, m, n = self._costs(self.x + extra)
+        g0, m0, n0 = self.costs0
+        candidates = []  # (price relative to keeping, option), by option
+        if self.group_a is not None:
+            candidates.append((self.group_a[0] - self.keep + g - g0, self.group_a[1]))
+        if self.inner_p is not None:
+            candidates.append((self.inner_p - self.keep + m - m0, self.p))
+        candidates.append((self.inner_q - self.keep + n - n0, self.p + 1))
+        if self.group_b is not None:
+            candidates.append((self.group_b[0] - self.keep, self.group_b[1]))
+        best, option = min(candidates)  # ties: the first option (smallest index)
+        q, t = self.q, self.t
+        for length in range(1, self.decision[0] + 1):
+            early = best + t(length)
+            late = self.late + t(length + self.gap)
+            if min(early, late) - q(length + 1) < 0:
+                return (length, option if early <= late else self.c) == self.decision
+        return False
+
+
+def _first_min(values, offset):
+    """`(min, offset + its first index)`, or None if empty."""
+    if not values:
+        return None
+    low = min(values)
+    return low, offset + values.index(low)
+
+
 def _unit_step(before: list[int], after: list[int]) -> int | None:
     """The index `j` if `after` is `before` plus one at `j`, else None."""
     if len(before) != len(after):
@@ -358,6 +555,38 @@ def _unit_step(before: list[int], after: list[int]) -> int | None:
     diff = [j for j, (x, y) in enumerate(zip(before, after, strict=True)) if x != y]
     if len(diff) == 1 and after[diff[0]] == before[diff[0]] + 1:
         return diff[0]
+    return None
+
+
+def _first_positive_guess(constant: int, offset: int) -> int | None:
+    """The first `L >= 1` with `constant + Q(L + 1) - T(L + offset) > 0`, ignoring
+    the caps, or None: a guess for `_first_positive`, which the caller checks (two
+    evaluations; see `_fast_forward`). While `T`'s repetition number `r` is fixed
+    (`l = L + offset` in `(r (r + 1) / 2, (r + 1) (r + 2) / 2]`) `T(l) = r l - r (r +
+    1) (r + 2) / 6` and the difference is a quadratic in `L`, solved with `isqrt`;
+    the intervals of `r` are tried in order. A few integer operations instead of a
+    bisection's ~2 log2(L) evaluations."""
+    length = 1 + offset
+    r = max((math.isqrt(8 * length + 1) - 3) // 2, 0)
+    while (r + 1) * (r + 2) // 2 < length:
+        r += 1
+    for _ in range(8):
+        lo = max(1, r * (r + 1) // 2 + 1 - offset)
+        hi = (r + 1) * (r + 2) // 2 - offset
+        # 2 f(L) = L^2 + (1 - 2 r) L + 2 (constant - r offset + r (r + 1) (r + 2) / 6)
+        term = 2 * (constant - r * offset) + r * (r + 1) * (r + 2) // 3
+        disc = (2 * r - 1) ** 2 - 4 * term
+        if lo * lo + (1 - 2 * r) * lo + term > 0:
+            found = lo
+        elif disc < 0:
+            found = None
+        else:
+            found = max(lo, (2 * r - 1 + math.isqrt(disc)) // 2)
+            while found * found + (1 - 2 * r) * found + term <= 0:
+                found += 1
+        if found is not None and found <= hi:
+            return found
+        r += 1
     return None
 
 
