@@ -145,3 +145,23 @@ def test_diffrax_gradient_on_loopax():
         got = jax.jit(jax.grad(loss))(_Y0)
     assert spy.calls > 0
     assert_close(got, want, rtol=1e-10, atol=1e-12, what="grad")
+
+
+@pytest.mark.parametrize("checkpoints", [8, 100])
+def test_online_rule_past_the_table_in_x64(monkeypatch, checkpoints):
+    """The compiled online rule (its int32 plan, in chunks past 64 slots) runs in x64
+    past a shrunken decision table, and the gradient matches forward mode."""
+    monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_STEPS", 8)
+    jax.clear_caches()  # No lowering with the shrunk table outlives the test.
+
+    def body(s):
+        return s[0] + 1, jnp.sin(s[1]) * 1.01
+
+    def loop(x):
+        return loopax.while_loop(
+            lambda s: s[0] < 400, body, (0, x), checkpoints=checkpoints
+        )[1]
+
+    want = jax.jacfwd(lambda x: lax.fori_loop(0, 400, lambda i, y: body((i, y))[1], x))
+    assert_tree_allclose(jax.jit(jax.grad(loop))(0.3), want(0.3), rtol=1e-10)
+    jax.clear_caches()

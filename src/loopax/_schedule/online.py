@@ -507,7 +507,7 @@ def online_store(slot_pos, plan: OnlinePlan, slot, step, xp):
     into the full slot `slot`: the slot moves to the end of the order. $O(c)$."""
     c = slot_pos.shape[0]
     order = plan.order
-    index = xp.argmax(order == slot)
+    index = xp.argmax(order == slot).astype(xp.int32)
     j = xp.arange(c, dtype=xp.int32)
     moved = order[xp.minimum(j + (j >= index).astype(xp.int32), c - 1)]
     order = xp.where(j == c - 1, slot, moved).astype(xp.int32)
