@@ -29,6 +29,16 @@ Workload: the RK4 neural ODE (state 64, MLP width 128, N = 1000 steps) of
 second order (gradient of the gradient's norm) at c = 8, both reverse over reverse
 (`grad` of `grad`) and forward over reverse (`jvp` of `grad`: the same numbers).
 
+With Diffrax installed (the `clients` extra) it also compiles the gradient of a
+Diffrax neural ODE (Tsit5 + PID, state 64, MLP width 128, Diffrax's default
+`max_steps=4096`) with `loopax.diffrax.CheckpointedAdjoint(forward_mode=False)` against
+Diffrax's own `RecursiveCheckpointAdjoint` (Equinox's loop underneath), both with
+Diffrax's default checkpoints (case "diffrax"; the like-for-like comparison: both
+reverse-only), and with the default `CheckpointedAdjoint()` ("diffrax, forward_mode":
+every transformation, its Runge-Kutta stages in a `"bounded"` loop). Diffrax evaluates
+a step's stages in a loop, so "body copies" counts the vector field's `tanh`s, one per
+copy of the step (the first step-size guess adds one).
+
 Run: `python benchmarks/compile_time.py [--quick] [--rounds R] [--kernels]`.
 """
 
@@ -81,6 +91,43 @@ def loss_for(library: str, checkpoints):
     )
 
 
+def diffrax_loss(library: str, forward_mode: bool = False):
+    """The gradient's loss through a Diffrax solve, or None without Diffrax."""
+    try:
+        import diffrax
+
+        import loopax.diffrax
+    except ImportError:
+        return None
+    if library == "loopax":
+        adjoint = loopax.diffrax.CheckpointedAdjoint(forward_mode=forward_mode)
+    else:
+        adjoint = diffrax.RecursiveCheckpointAdjoint()
+
+    def loss(p, y0):
+        def vector_field(t, y, p):
+            return p["w2"] @ jnp.tanh(p["w1"] @ y)
+
+        solution = diffrax.diffeqsolve(
+            diffrax.ODETerm(vector_field),
+            diffrax.Tsit5(),
+            0.0,
+            1.0,
+            0.01,
+            y0,
+            args=p,
+            stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
+            adjoint=adjoint,
+        )
+        return jnp.sum(solution.ys**2)
+
+    return loss
+
+
+# Diffrax evaluates a Runge-Kutta step's stages in a loop: one `tanh` per copy.
+DIFFRAX_TANH_PER_BODY = 1
+
+
 def first_order(loss):
     return jax.grad(loss, argnums=(0, 1))
 
@@ -105,7 +152,7 @@ def second_order_forward_over_reverse(loss):
     return grad_of_grad_norm
 
 
-def stages(fn, args) -> dict:
+def stages(fn, args, tanh_per_body: int = 4) -> dict:
     """Seconds per stage (wall clock and CPU) with cold caches, and the optimized
     HLO's size."""
     jax.clear_caches()
@@ -124,7 +171,7 @@ def stages(fn, args) -> dict:
             out[stage + suffix] = clocks[i + 1][clock] - clocks[i][clock]
         out["total" + suffix] = clocks[-1][clock] - clocks[0][clock]
     out["hlo_instructions"] = sum(1 for line in hlo.splitlines() if " = " in line)
-    out["body_copies"] = hlo.count(" tanh(") / 4
+    out["body_copies"] = hlo.count(" tanh(") / tanh_per_body
     return out
 
 
@@ -152,12 +199,19 @@ _TRANSFORMS = {
 }
 
 
+def case_fn(order: str, checkpoints: int, library: str):
+    """The function compiled for one case: "diffrax" is the Diffrax gradient."""
+    if order.startswith("diffrax"):
+        forward_mode = order == "diffrax, forward_mode"
+        return first_order(diffrax_loss(library, forward_mode))
+    return _TRANSFORMS[order](loss_for(library, checkpoints))
+
+
 def probe(order: str, checkpoints: int, library: str):
     """Compile one case once (run by `kernels` in a subprocess)."""
     params = mlp_params(jr.PRNGKey(0), STATE, WIDTH)
     y0 = jr.normal(jr.PRNGKey(1), (STATE,))
-    transform = _TRANSFORMS[order]
-    lowered = jax.jit(transform(loss_for(library, checkpoints))).lower(params, y0)
+    lowered = jax.jit(case_fn(order, checkpoints, library)).lower(params, y0)
     print(_MARK, file=sys.stderr, flush=True)
     lowered.compile()
 
@@ -166,20 +220,25 @@ def main(quick: bool, rounds: int, with_kernels: bool):
     params = mlp_params(jr.PRNGKey(0), STATE, WIDTH)
     y0 = jr.normal(jr.PRNGKey(1), (STATE,))
     args = (params, y0)
-    cases = [("grad", c, first_order) for c in (8, 32, 128, NUM_STEPS)]
-    cases.append(("grad of grad", 8, second_order))
-    cases.append(("jvp of grad", 8, second_order_forward_over_reverse))
+    cases = [("grad", c) for c in (8, 32, 128, NUM_STEPS)]
+    cases += [("grad of grad", 8), ("jvp of grad", 8)]
     if quick:
         cases = [cases[0], *cases[-2:]]
+    if diffrax_loss("loopax") is not None:
+        cases += [("diffrax", None), ("diffrax, forward_mode", None)]
     rows = []
-    for order, c, transform in cases:
+    for order, c in cases:
         # Equinox's checkpointed loop is a `custom_vjp`: no second order.
-        libraries = ["loopax"] if order != "grad" else ["loopax", "equinox"]
+        libraries = (
+            ["loopax", "equinox"] if order in ("grad", "diffrax") else ["loopax"]
+        )
+        tanh_per_body = DIFFRAX_TANH_PER_BODY if order.startswith("diffrax") else 4
         samples = {library: [] for library in libraries}
         for r in range(rounds):
             # Alternate, in turn in both orders, so drift hits both alike.
             for library in libraries if r % 2 == 0 else libraries[::-1]:
-                samples[library].append(stages(transform(loss_for(library, c)), args))
+                fn = case_fn(order, c, library)
+                samples[library].append(stages(fn, args, tanh_per_body))
         medians = {
             lib: {k: statistics.median(s[k] for s in ss) for k in ss[0]}
             for lib, ss in samples.items()
@@ -191,7 +250,7 @@ def main(quick: bool, rounds: int, with_kernels: bool):
             rows.append(
                 dict(
                     order=order,
-                    checkpoints="all" if c == NUM_STEPS else c,
+                    checkpoints="all" if c == NUM_STEPS else c or "default",
                     library=library,
                     **{k: round(v, 3) for k, v in m.items()},
                     vs_equinox=None
@@ -236,6 +295,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.probe:
         probe_order, probe_c, probe_library = args.probe
-        probe(probe_order, int(probe_c), probe_library)
+        probe(probe_order, int(probe_c) if probe_c != "None" else None, probe_library)
     else:
         main(args.quick, args.rounds, args.kernels)

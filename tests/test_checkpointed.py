@@ -497,18 +497,16 @@ def test_body_traced_independently_of_checkpoints(max_steps):
 
 
 def test_bounded_loop_gets_a_table_of_every_step(monkeypatch):
-    """A loop bounded by `max_steps` of a few thousand steps looks every decision up
-    in the trace-time table, so the online rule is not compiled in (the gradient's
+    """A loop bounded by `max_steps` within the trace-time table's length looks every
+    decision up in the table, so the online rule is not compiled in (the gradient's
     program is smaller than with the rule), and the body-call order is still the
     replay's past the usual table length."""
     checkpoints, max_steps, n = 2, 60, 50
     online = loopax._schedule.online
     monkeypatch.setattr(online, "ONLINE_TABLE_STEPS", 8)
-
-    monkeypatch.setattr(online, "ONLINE_TABLE_MAX_STEPS", 8)
     jax.clear_caches()  # The lowering of the loop is cached.
     with_rule = _grad(checkpoints, max_steps).lower(X0, _int(n)).as_text()
-    monkeypatch.setattr(online, "ONLINE_TABLE_MAX_STEPS", max_steps)
+    monkeypatch.setattr(online, "ONLINE_TABLE_STEPS", max_steps)
     jax.clear_caches()
     without_rule = _grad(checkpoints, max_steps).lower(X0, _int(n)).as_text()
     assert len(without_rule) < 0.9 * len(with_rule)
@@ -528,7 +526,6 @@ def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_ste
     runs the rule itself past it: shrink the table to 4 steps, and the body-call order
     still equals the replay (which never uses the table) and the gradient is right."""
     monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_STEPS", 4)
-    monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_MAX_STEPS", 4)
     grad = jax.jit(
         jax.grad(
             ft.partial(

@@ -111,8 +111,8 @@ def recording_forward(
     (all of them for a loop of known length) are looked up in a table computed at
     trace time, and the steps between two stores run as a tight inner loop of body
     calls, as in `plain_forward`; the outer loop runs once per store (the store is
-    a `lax.cond`). Past the table every step is an outer iteration that runs the rule
-    itself. (Keeping the per-step loop body small matters on XLA:CPU: see
+    a `lax.cond`). Past the table each outer iteration also runs the rule itself, to
+    find the next store. (Keeping the per-step loop body small matters on XLA:CPU: see
     `checkpointed_backward`.)
 
     Each step's extra outputs (`ys_shapes`, if any) are written to row `k` of arrays
