@@ -523,9 +523,14 @@ def test_bounded_loop_gets_a_table_of_every_step(monkeypatch):
 )
 def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_steps):
     """The forward sweep looks the online rule's first decisions up in a table and
-    runs the rule itself past it: shrink the table to 4 steps, and the body-call order
-    still equals the replay (which never uses the table) and the gradient is right."""
-    monkeypatch.setattr(loopax._schedule.online, "ONLINE_TABLE_STEPS", 4)
+    runs the rule itself past it: shrink the table to 4 steps (8 for the many-slot
+    table, here above 4 slots), and the body-call order still equals the replay
+    (which never uses the table) and the gradient is right."""
+    online = loopax._schedule.online
+    monkeypatch.setattr(online, "ONLINE_TABLE_STEPS", 4)
+    monkeypatch.setattr(online, "ONLINE_TABLE_MAX_CHECKPOINTS", 4)
+    monkeypatch.setattr(online, "ONLINE_TABLE_STEPS_MANY_SLOTS", 8)
+    jax.clear_caches()  # The lowering of the loop is cached.
     grad = jax.jit(
         jax.grad(
             ft.partial(
@@ -544,3 +549,4 @@ def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_ste
         plan = loopax.schedule(n, checkpoints, max_steps=max_steps)
         assert tuple(_calls) == plan.body_calls, (n, checkpoints, max_steps)
         assert_tree_allclose(got, _ref_grad(bound)(X0, _int(n)), atol=1e-5)
+    jax.clear_caches()  # No lowering with the shrunk tables outlives the test.
