@@ -30,7 +30,7 @@ from loopax._schedule import (
     schedule,
     suggest_checkpoints as loopax_suggest,
 )
-from loopax._schedule.counts import online_table
+from loopax._schedule.counts import _Prices, _rule_cost, online_table
 from loopax._schedule.offline import (
     INT32_MAX,
     _repetition_number,
@@ -660,6 +660,47 @@ def test_online_positions_jumps_are_exact(checkpoints, num_steps, cuts):
         online_positions.__globals__["_ONLINE"].clear()
         want = tuple(sorted(p for p in pos if p >= 0))
         assert online_positions(end, checkpoints) == want, (checkpoints, end)
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 64, 1000])
+def test_incremental_prices_match_the_sums(checkpoints):
+    """`_Prices`, repriced from the changed stretch on only, gives every option the
+    price of the rule's sums (`_greedy_slot`, on Python ints), after stores in
+    place of random `b_i` and growths of random stretches, at lengths where the
+    costs are trivial, general and capped."""
+    c = checkpoints
+    cap = INT32_MAX // (2 * c + 4)
+    rng = np.random.default_rng(c)
+    lengths = rng.integers(1, 4 * c + 10, c).tolist()
+    prices = _Prices(lengths, c, cap)
+    for _ in range(40):
+        if rng.random() < 0.5:  # A store in place of b_i, x_k k = b_c + new.
+            i = int(rng.integers(1, c + 1))
+            new = int(rng.choice([1, 3, 50, 10**4]))
+            if i < c:
+                lengths[i - 1] += lengths.pop(i)
+                lengths.append(new)
+            else:
+                lengths[c - 1] += new
+            prices.update(i - 1)
+        else:  # A cycle jump grows stretch p.
+            p = int(rng.integers(0, c))
+            lengths[p] += int(rng.choice([1, 7, 10**5]))
+            prices.update(p)
+        own = [_rule_cost(x, c - j, cap) for j, x in enumerate(lengths)]
+        more = [_rule_cost(x, c - j + 1, cap) for j, x in enumerate(lengths)]
+        assert prices.before[c] == sum(own)
+        assert prices.before[c - 1] == sum(own[: c - 1])
+        if c == 1:
+            continue
+        inner = [
+            sum(own[:m])
+            + _rule_cost(lengths[m] + lengths[m + 1], c - m, cap)
+            + sum(more[m + 2 :])
+            for m in range(c - 1)
+        ]
+        assert prices.best_inner() == min(inner)
+        assert prices.best_option() == inner.index(min(inner)) + 1
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])

@@ -265,31 +265,16 @@ def _fast_forward(
     history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
     quiet = 0  # No cycle is tried while the history holds at most `quiet` stores.
     lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
-    # Stretch j's cost with its own free slots (c - j) and with one more, and that of
-    # stretches i - 1 and i merged (c - i + 1 free), i = 1 .. c - 1, at merged[i - 1].
-    own = _capped_costs(lengths, [c - j for j in range(c)], cap)
-    more = _capped_costs(lengths, [c - j + 1 for j in range(c)], cap)
-    merged = _capped_costs(
-        [lengths[i - 1] + lengths[i] for i in range(1, c)],
-        [c - i + 1 for i in range(1, c)],
-        cap,
-    )
+    end = b[c]
+    prices = _Prices(lengths, c, cap)
     while True:
-        keep = sum(own)
-        # Replacing b_i, i < c: stretches before i - 1 as they are, i - 1 and i merged
-        # (c - i + 1 free), i + 1 .. c - 1 with one more free slot, and the last
-        # stretch [b_c, k) with one free slot, T(L).
-        # (Sums with C-level builtins: c is up to thousands.)
-        before = [*itertools.accumulate(own, initial=0)]  # before[j] = own[:j]
-        after = [*itertools.accumulate(reversed(more), initial=0)][::-1]  # more[j:]
-        # inner[i - 1] = before[i - 1] + merged[i - 1] + after[i + 1], i = 1 .. c - 1.
-        inner = [*map(operator.add, map(operator.add, before, merged), after[2:])]
+        keep = prices.before[c]
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
-        last = before[c - 1]
-        gap = b[c] - b[c - 1]
+        last = prices.before[c - 1]
+        gap = lengths[c - 1]
         jump = None
         if len(history) > quiet:
-            jump = _cycle_jump(history, lengths, c, cap, num_steps - b[c], q, t)
+            jump = _cycle_jump(history, lengths, c, cap, num_steps - end, q, t)
         if isinstance(jump, int):
             # The cycle does not repeat: it diverges within its next `jump` stores,
             # so trying it again before those are in the history is wasted work.
@@ -297,28 +282,26 @@ def _fast_forward(
         elif jump is not None:
             p, growth, period = jump
             if stores is not None:  # The cycle's stores, repeated.
-                step = b[c]
-                while step < b[c] + growth:
-                    for first, i in [state[4] for state in history[-period:]]:
+                step = end
+                while step < end + growth:
+                    for first, i in [state.decision for state in history[-period:]]:
                         step += first
                         stores.append((step, i))
-            # Only stretch p grew: its own costs and the two merges with it change.
-            lengths = [*lengths[:p], lengths[p] + growth, *lengths[p + 1 :]]
-            b = [0, *itertools.accumulate(lengths)]
-            own[p], more[p] = _capped_costs([lengths[p]] * 2, [c - p, c - p + 1], cap)
-            for m in range(max(p, 1), p + 2):
-                merged[m - 1] = _rule_cost(lengths[m - 1] + lengths[m], c - m + 1, cap)
+            # Only stretch p grew: the prices from stretch p on change.
+            lengths[p] += growth
+            end += growth
+            prices.update(p)
             previous = (None, [])
             history.clear()
             quiet = 0
             continue
-        limit = num_steps - b[c]
+        limit = num_steps - end
         first = None
         # f(L) = keep + Q(L + 1) - (price - T(L + offset)), for the best inner
         # option (offset 0) and replacing b_c (offset `gap`).
         options = [(keep - last, gap)]
-        if inner:
-            options.insert(0, (keep - min(inner), 0))
+        if c > 1:
+            options.insert(0, (keep - prices.best_inner(), 0))
         for constant, offset in options:
 
             def f(length, constant=constant, offset=offset):
@@ -338,17 +321,22 @@ def _fast_forward(
             if found is not None and (first is None or found < first):
                 first = found
         if first is None:
-            return b, limit > top
-        k = b[c] + first
+            return [0, *itertools.accumulate(lengths)], limit > top
+        k = end + first
         # The rule takes the first cheapest: the best inner option on a tie.
-        low = min(inner) if inner else None
+        low = prices.best_inner() if c > 1 else None
         if low is not None and low + t(first) <= last + t(first + gap):
-            i = inner.index(low) + 1
+            i = prices.best_option()
         else:
             i = c
         if stores is not None:
             stores.append((k, i))
-        signature = (first, i, keep, last, t(1 + gap), inner)
+        state = _Store(
+            lengths.copy(), prices.value.copy(), prices.paid[c], keep, last, (first, i)
+        )
+        # The prices of the options (`paid` matters only to the inner ones).
+        paid = state.paid if c > 1 else None
+        signature = (t(1 + gap), state.value, paid, keep, last, state.decision)
         if (
             stores is None
             and signature == previous[0]
@@ -359,32 +347,106 @@ def _fast_forward(
             # whose costs (all at the cap: they are non-decreasing, and would
             # otherwise have grown) do not change. Each store repeats the same
             # move, one step later, up to step `num_steps`.
-            lengths[grown] += num_steps - b[c]
+            lengths[grown] += num_steps - end
             return [0, *itertools.accumulate(lengths)], False
-        previous = (signature if first == 1 else None, lengths)
-        history.append((lengths, inner, keep, last, (first, i)))
+        previous = (signature if first == 1 else None, state.lengths)
+        history.append(state)
         if len(history) > _CYCLE_STORES:
             del history[0]
             quiet -= 1
-        b = b[:i] + b[i + 1 :] + [k]
         # Storing x_k in place of b_i changes the stretches from i - 1 on: i - 1 and
-        # i (or [b_c, k) for i = c) merge, the later ones move one place down (one
-        # more free slot: their old `more` is their new `own`), then [b_c, k).
+        # i (or [b_c, k) for i = c) merge, the later ones move one place down, then
+        # [b_c, k).
+        end = k
         if i < c:
-            lengths = [*lengths[: i - 1], lengths[i - 1] + lengths[i]]
-            lengths += [*previous[1][i + 1 :], first]
-            own = [*own[: i - 1], merged[i - 1], *more[i + 1 :], t(first)]
+            lengths[i - 1] += lengths.pop(i)
+            lengths.append(first)
         else:
-            lengths = [*lengths[: c - 1], lengths[c - 1] + first]
-            own = [*own[: c - 1], t(lengths[c - 1])]
-        tail = range(i - 1, c)
-        more = more[: i - 1] + _capped_costs(
-            [lengths[j] for j in tail], [c - j + 1 for j in tail], cap
+            lengths[c - 1] += first
+        prices.update(i - 1)
+
+
+class _Prices:
+    """The prices of the online rule's options for fixed positions `b_0 .. b_c`,
+    kept up to date as the stretches change from some index on.
+
+    Stretch `j` costs `own[j]` with its own free slots (`c - j`) and `more[j]` with
+    one more; stretches `m` and `m + 1` merged cost `merged[m]` (`c - m` free).
+    Replacing `b_{m+1}`, `m <= c - 2`, keeps stretches before `m`, merges `m` and
+    `m + 1`, and gives each later stretch one more free slot: with `B_x` and `P_x`
+    the sums of `own` and `more` before stretch `x`, it costs `B_m + merged[m] +
+    P_c - P_{m+2}` besides the last stretch. Its part `value[m] = B_m + merged[m] -
+    P_{m+2}` depends on stretches `0 .. m + 1` only, and `P_c` is common to all
+    options, so the best option is the first minimum of `value`, shifted by `P_c`.
+
+    A store in place of `b_i` (or a jump of `_cycle_jump` growing stretch `i - 1`)
+    leaves stretches `0 .. i - 2` as they were, so `update(i - 1)` reprices from
+    there: O(c - i) costs and sums, with the running first minimum of `value` kept
+    per prefix. Past ~c²/2 steps with many slots, most stores replace one of the
+    last few `b_i` (1000 slots, up to 10**6 steps: c - i is 11 on average), where
+    pricing every stretch (O(c) per store) was most of the work."""
+
+    def __init__(self, lengths: list[int], c: int, cap: int):
+        self.lengths, self.c, self.cap = lengths, c, cap
+        self.own: list[int] = []
+        self.more: list[int] = []
+        self.merged: list[int] = []
+        self.before = [0]  # B_x, x = 0 .. c
+        self.paid = [0]  # P_x, x = 0 .. c
+        self.value: list[int] = []  # m = 0 .. c - 2
+        self.low: list[tuple[int, int]] = []  # the first minimum of value[: m + 1]
+        self.update(0)
+
+    def update(self, start: int) -> None:
+        """Reprice after a change of `lengths` from stretch `start` on (`lengths` is
+        shared with the caller, which changes it in place)."""
+        c, cap, lengths = self.c, self.cap, self.lengths
+        tail = lengths[start:]
+        for costs, extra in ((self.own, 0), (self.more, 1)):
+            del costs[start:]
+            costs += _capped_costs(tail, range(c - start + extra, extra, -1), cap)
+        for sums, costs in ((self.before, self.own), (self.paid, self.more)):
+            del sums[start + 1 :]
+            sums += itertools.accumulate(costs[start:], initial=sums[start])
+            del sums[start + 1]  # `initial`, repeated
+        # value[m] depends on stretches m and m + 1 (merged) and those before.
+        m0 = max(start - 1, 0)
+        del self.merged[m0:], self.value[m0:], self.low[m0:]
+        self.merged += _capped_costs(
+            [lengths[m] + lengths[m + 1] for m in range(m0, c - 1)],
+            range(c - m0, 1, -1),
+            cap,
         )
-        tail = range(max(i - 1, 1), c)
-        merged = merged[: max(i - 2, 0)] + _capped_costs(
-            [lengths[m - 1] + lengths[m] for m in tail], [c - m + 1 for m in tail], cap
-        )
+        before, paid, merged = self.before, self.paid, self.merged
+        self.value += [before[m] + merged[m] - paid[m + 2] for m in range(m0, c - 1)]
+        low = self.low[-1] if self.low else None
+        for m in range(m0, c - 1):
+            if low is None or self.value[m] < low[0]:
+                low = (self.value[m], m)
+            self.low.append(low)
+
+    def best_inner(self) -> int:
+        """The price of the best option replacing some `b_i`, `i < c`, besides the
+        last stretch (`c >= 2`)."""
+        return self.low[-1][0] + self.paid[self.c]
+
+    def best_option(self) -> int:
+        """That option's `i`, the first on a tie."""
+        return self.low[-1][1] + 1
+
+
+class _Store(NamedTuple):
+    """A store of the fast-forward, for `_cycle_jump`: the stretches and prices
+    before it (`value` and `paid` as in `_Prices`: the option replacing `b_{m+1}`
+    costs `value[m] + paid` besides the last stretch), and `(L, i)`: it stored
+    `L` steps after the last store, in place of `b_i`."""
+
+    lengths: list[int]
+    value: list[int]
+    paid: int
+    keep: int
+    last: int
+    decision: tuple[int, int]
 
 
 # How many of the last stores `_cycle_jump` remembers: it tries cycles seen twice in
@@ -420,22 +482,21 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
     count = len(history)
     if count < 2:
         return None
-    decision = history[-1][4]
+    decision = history[-1].decision
     end = lengths[-1]
     for period in range(1, count // 2 + 1):
-        if history[-1 - period][4] != decision or history[-period][0][-1] != end:
+        if (
+            history[-1 - period].decision != decision
+            or history[-period].lengths[-1] != end
+        ):
             continue
-        decisions = [state[4] for state in history[-2 * period :]]
+        decisions = [state.decision for state in history[-2 * period :]]
         if decisions[:period] != decisions[period:]:
             continue
-        old = history[-period]
+        old = history[-period].lengths
         p = min([i for _, i in decisions[-period:]]) - 1
-        if (
-            p <= c - 2
-            and old[0][p + 1 :] == lengths[p + 1 :]
-            and old[0][p] < lengths[p]
-        ):
-            growth = lengths[p] - old[0][p]
+        if p <= c - 2 and old[p + 1 :] == lengths[p + 1 :] and old[p] < lengths[p]:
+            growth = lengths[p] - old[p]
             break
     else:
         return None
@@ -481,7 +542,7 @@ class _CycleState:
     `p`'s length, grown by `extra`."""
 
     def __init__(self, state, p, c, cap, q, t):
-        lengths, inner, keep, last, self.decision = state
+        lengths, inner, paid, keep, last, self.decision = state
         self.p, self.c, self.cap, self.q, self.t = p, c, cap, q, t
         self.x = lengths[p]
         self.before = lengths[p - 1] if p >= 1 else None
@@ -492,7 +553,7 @@ class _CycleState:
         # cheapest of each group, relative to keeping.
         self.group_a = _first_min(inner[: p - 1], 1) if p >= 2 else None
         self.group_b = _first_min(inner[p + 1 :], p + 2)
-        self.keep = keep
+        self.keep = keep - paid  # `inner` is relative to `P_c` (`_Prices`)
         self.inner_p = inner[p - 1] if p >= 1 else None
         self.inner_q = inner[p]
         self.costs0 = self._costs(self.x)
