@@ -261,6 +261,15 @@ def _fast_forward(
         top -= 1
     while (top + 2) * (top + 1) // 2 <= cap:
         top += 1
+    def stores_before(constant, offset, limit):
+        # Whether f(L) = constant + Q(L + 1) - T(L + offset) > 0 for some L in
+        # [1, limit]: a store by then, for an option priced `-constant` relative
+        # to keeping (a few evaluations: see `_first_positive`).
+        def f(length):
+            return constant + q(length + 1) - t(length + offset)
+
+        return _first_positive(f, limit, top, t_capped_from(offset)) is not None
+
     previous = (None, [])
     history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
     quiet = 0  # No cycle is tried while the history holds at most `quiet` stores.
@@ -274,7 +283,9 @@ def _fast_forward(
         gap = lengths[c - 1]
         jump = None
         if len(history) > quiet:
-            jump = _cycle_jump(history, lengths, c, cap, num_steps - end, q, t)
+            jump = _cycle_jump(
+                history, lengths, c, cap, num_steps - end, q, t, stores_before
+            )
         if isinstance(jump, int):
             # The cycle does not repeat: it diverges within its next `jump` stores,
             # so trying it again before those are in the history is wasted work.
@@ -454,7 +465,7 @@ class _Store(NamedTuple):
 _CYCLE_STORES = 64
 
 
-def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
+def _cycle_jump(history, lengths, c, cap, steps_left, q, t, stores_before):
     """Jump over repetitions of a cycle of stores: `(p, growth, P)` if the stores
     after the current state (right after a store) repeat the last `P` stores, each
     cycle growing stretch `p` only, `growth` steps in all; `P` if the last `P` stores
@@ -500,7 +511,10 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
             break
     else:
         return None
-    cycle = [_CycleState(state, p, c, cap, q, t) for state in history[-period:]]
+    cycle = [
+        _CycleState(state, p, c, cap, q, t, stores_before)
+        for state in history[-period:]
+    ]
     most = steps_left // growth  # whole cycles that fit
 
     def holds(m):
@@ -541,9 +555,10 @@ class _CycleState:
     """One store of a cycle (`_cycle_jump`): its decision as a function of stretch
     `p`'s length, grown by `extra`."""
 
-    def __init__(self, state, p, c, cap, q, t):
+    def __init__(self, state, p, c, cap, q, t, stores_before):
         lengths, inner, paid, keep, last, self.decision = state
         self.p, self.c, self.cap, self.q, self.t = p, c, cap, q, t
+        self.stores_before = stores_before
         self.x = lengths[p]
         self.before = lengths[p - 1] if p >= 1 else None
         self.after = lengths[p + 1]
@@ -592,12 +607,17 @@ class _CycleState:
         if self.group_b is not None:
             candidates.append((self.group_b[0] - self.keep, self.group_b[1]))
         best, option = min(candidates)  # ties: the first option (smallest index)
-        q, t = self.q, self.t
-        for length in range(1, self.decision[0] + 1):
-            early = best + t(length)
-            late = self.late + t(length + self.gap)
-            if min(early, late) - q(length + 1) < 0:
-                return (length, option if early <= late else self.c) == self.decision
+        # No store before the decision's `L`, by either option (one evaluation at
+        # each end of the convex pieces of the price difference), then one there.
+        length = self.decision[0]
+        if self.stores_before(-best, 0, length - 1) or self.stores_before(
+            -self.late, self.gap, length - 1
+        ):
+            return False
+        early = best + self.t(length)
+        late = self.late + self.t(length + self.gap)
+        if min(early, late) - self.q(length + 1) < 0:
+            return (option if early <= late else self.c) == self.decision[1]
         return False
 
 
