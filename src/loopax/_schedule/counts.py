@@ -12,9 +12,10 @@ that took longer than the gradient it described. The counts need much less:
   the online rule they are found by jumping from one store to the next
   (`online_positions`): between stores the rule's options change in two terms
   only, whose difference is convex, so the next store is found in closed form
-  (checked, with bisection as the fallback); and repeated cycles of stores that
-  only grow one stretch (most stores when `c` is large) are jumped over whole
-  (`_cycle_jump`).
+  (checked, with bisection as the fallback); the options' prices are kept as prefix
+  sums and running minima, repriced from the replaced position on only
+  (`_Prices`); and repeated cycles of stores that only grow one stretch (most
+  stores when `c` is large) are jumped over whole (`_cycle_jump`).
 
 Everything here is checked against the exact replay (`replay.py`, which runs the real
 rules step by step) over a grid of `(n, c)` in the tests: if the online rule changes,
@@ -138,14 +139,17 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     never grows again (one step, where `Q` reaches its cap, is checked alone), and if
     it is not positive there the rule never stores again.
 
-    Work: O(c) per store visited (the constants) plus a few closed forms to find
-    the next one (`_first_positive_guess`). Repeated cycles of up to
+    Work: O(c - i) per store visited that replaces `b_i` (`_Prices`; with many
+    slots most replace one of the last few) plus a few closed forms to find the
+    next one (`_first_positive_guess`). Repeated cycles of up to
     `_CYCLE_STORES / 2` stores are jumped over in O(log n) closed forms per change
     of a repetition number (`_cycle_jump`); with many slots that skips most stores
     (1000 slots: ~1700 of the ~200 000 stores up to 400 000 steps are visited).
-    Without such cycles (few slots) every store is still visited. Positions are
-    cached per `checkpoints`, so a longer loop resumes where a shorter one stopped.
-    Memory O(c) (and the last `_CYCLE_STORES` stores' prices).
+    Without such cycles (few slots) every store is still visited, and past ~c²/2
+    steps the cycles nest (1000 slots, 10**6 steps: ~77 000 stores visited).
+    Positions are cached per `checkpoints`, so a longer loop resumes where a
+    shorter one stopped. Memory O(c) (and the last `_CYCLE_STORES` stores' prices
+    and stretches).
     """
     c = checkpoints
     if num_steps <= c:
