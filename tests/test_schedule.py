@@ -30,6 +30,7 @@ from loopax._schedule import (
     schedule,
     suggest_checkpoints as loopax_suggest,
 )
+from loopax._schedule import counts as counts_module
 from loopax._schedule.counts import _Prices, _rule_cost, online_table
 from loopax._schedule.offline import (
     INT32_MAX,
@@ -701,6 +702,56 @@ def test_incremental_prices_match_the_sums(checkpoints):
         ]
         assert prices.best_inner() == min(inner)
         assert prices.best_option() == inner.index(min(inner)) + 1
+
+
+def _count_periods(monkeypatch):
+    """Counts the runs `_Period.repeat` replays (a list of one int)."""
+    runs = [0]
+    repeat = counts_module._Period.repeat
+
+    def counted(self, prices, end, num_steps):
+        new_end = repeat(self, prices, end, num_steps)
+        runs[0] += (new_end - end) // self.steps
+        return new_end
+
+    monkeypatch.setattr(counts_module._Period, "repeat", counted)
+    return runs
+
+
+@pytest.mark.parametrize("checkpoints", [8, 16, 32, 64])
+def test_online_periods_repeat_exactly(monkeypatch, checkpoints):
+    """The fast-forward's repeated runs (`_Period`: the last stretches run through
+    the same stores, then a deep `b_i` is replaced, while the first stretches'
+    best price stays put) are the rule's: from a fresh cache, cut at random steps,
+    the positions equal those of the step-by-step rule, and runs were repeated."""
+    runs = _count_periods(monkeypatch)
+    num_steps = 10_000
+    slots = forward_slots(checkpoints, num_steps)
+    rng = np.random.default_rng(checkpoints + 1)
+    for end in sorted({num_steps, *rng.integers(100, num_steps, 8).tolist()}):
+        online_positions.__globals__["_ONLINE"].clear()
+        want = _slots_after(slots[:end], checkpoints)
+        assert online_positions(end, checkpoints) == want, (checkpoints, end)
+    assert runs[0] > 0
+
+
+@pytest.mark.parametrize("checkpoints, num_steps", [(300, 60_000), (1000, 510_000)])
+def test_online_periods_match_the_stores(monkeypatch, checkpoints, num_steps):
+    """Past ~c²/2 steps with many slots (too far for the step-by-step rule), the
+    repeated runs land where the fast-forward lands visiting each of their stores."""
+    runs = _count_periods(monkeypatch)
+    c = checkpoints
+    rng = np.random.default_rng(c)
+    ends = [num_steps, int(rng.integers(num_steps // 2, num_steps))]
+    got = []
+    for end in ends:
+        online_positions.__globals__["_ONLINE"].clear()
+        got.append(online_positions(end, c))
+    assert runs[0] > 0
+    monkeypatch.setattr(counts_module._Periods, "ended", lambda *args: None)
+    for end, positions in zip(ends, got, strict=True):
+        online_positions.__globals__["_ONLINE"].clear()
+        assert online_positions(end, c) == positions, (c, end)
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])

@@ -14,8 +14,11 @@ that took longer than the gradient it described. The counts need much less:
   only, whose difference is convex, so the next store is found in closed form
   (checked, with bisection as the fallback); the options' prices are kept as prefix
   sums and running minima, repriced from the replaced position on only
-  (`_Prices`); and repeated cycles of stores that only grow one stretch (most
-  stores when `c` is large) are jumped over whole (`_cycle_jump`).
+  (`_Prices`); repeated cycles of stores that only grow one stretch (most stores
+  when `c` is large) are jumped over whole (`_cycle_jump`); and so are runs of
+  stores in the last stretches that end by replacing a deeper position and leave
+  the last stretches, and the best price of the first ones, as they found them
+  (`_Period`).
 
 Everything here is checked against the exact replay (`replay.py`, which runs the real
 rules step by step) over a grid of `(n, c)` in the tests: if the online rule changes,
@@ -145,8 +148,10 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     `_CYCLE_STORES / 2` stores are jumped over in O(log n) closed forms per change
     of a repetition number (`_cycle_jump`); with many slots that skips most stores
     (1000 slots: ~1700 of the ~200 000 stores up to 400 000 steps are visited).
-    Without such cycles (few slots) every store is still visited, and past ~c²/2
-    steps the cycles nest (1000 slots, 10**6 steps: ~77 000 stores visited).
+    Past ~c²/2 steps the cycles nest: runs of stores in the last stretches that
+    end by replacing a deeper `b_i` and leave the state as they found it, but for
+    the first stretches, are repeated whole (`_Period`, O(c - i) each). Without
+    either (few slots) every store is still visited.
     Positions are cached per `checkpoints`, so a longer loop resumes where a
     shorter one stopped. Memory O(c) (and the last `_CYCLE_STORES` stores' prices
     and stretches).
@@ -280,6 +285,7 @@ def _fast_forward(
     lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
     end = b[c]
     prices = _Prices(lengths, c, cap)
+    periods = _Periods(c) if c >= 3 and stores is None else None
     while True:
         keep = prices.before[c]
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
@@ -303,6 +309,8 @@ def _fast_forward(
                         step += first
                         stores.append((step, i))
             # Only stretch p grew: the prices from stretch p on change.
+            if periods is not None:
+                periods.grew(p)
             lengths[p] += growth
             end += growth
             prices.update(p)
@@ -369,16 +377,139 @@ def _fast_forward(
         if len(history) > _CYCLE_STORES:
             del history[0]
             quiet -= 1
-        # Storing x_k in place of b_i changes the stretches from i - 1 on: i - 1 and
-        # i (or [b_c, k) for i = c) merge, the later ones move one place down, then
-        # [b_c, k).
-        end = k
-        if i < c:
-            lengths[i - 1] += lengths.pop(i)
-            lengths.append(first)
-        else:
-            lengths[c - 1] += first
-        prices.update(i - 1)
+        # Runs need two stretches before `t0 < c` (`_signature`).
+        period = None if periods is None else periods.ended(i, k, first, prices)
+        end = _store(prices, i, k, first)
+        if periods is not None:
+            periods.stored(i, k, lengths)
+        if period is not None and period.signature == _signature(prices, period.t0):
+            end = period.repeat(prices, end, num_steps)
+            periods.restart(c, end, lengths)
+            previous = (None, [])
+            history.clear()
+            quiet = 0
+
+
+def _store(prices: "_Prices", i: int, k: int, first: int) -> int:
+    """Store `x_k`, `first` steps after the last store, in place of `b_i`: returns
+    `k`. The stretches change from `i - 1` on: `i - 1` and `i` (or `[b_c, k)` for
+    `i = c`) merge, the later ones move one place down, then `[b_c, k)`."""
+    lengths, c = prices.lengths, prices.c
+    if i < c:
+        lengths[i - 1] += lengths.pop(i)
+        lengths.append(first)
+    else:
+        lengths[c - 1] += first
+    prices.update(i - 1)
+    return k
+
+
+def _signature(prices: "_Prices", t0: int) -> tuple:
+    """What the rule's decisions depend on while it only stores in place of `b_i`,
+    `i > t0` (`_Period`): the stretches from `t0 - 1` on, and the price of the best
+    option replacing some `b_i`, `i < t0`, less the stretches from `t0` on (`value`
+    is relative to `P_c`, see `_Prices`)."""
+    alpha = prices.low[t0 - 2][0] + prices.paid[t0] - prices.before[t0]
+    return (*prices.lengths[t0 - 1 :], alpha)
+
+
+class _Period(NamedTuple):
+    """A run of stores that replaced `b_i`, `i > t0` only, ended by a store in place
+    of some `b_i`, `i <= t0` (`_Periods`), `steps` after the run began; before it,
+    the stretches from `t0` on were `tail`, and the last store was `first` steps
+    earlier. The state before the run had `signature` (`_signature`), and so has
+    the state after it.
+
+    The rule's decisions in the run depend on the stretches before `t0` only
+    through the price of the best option replacing some `b_i`, `i < t0`, relative
+    to keeping (options replacing a later `b_i` and keeping price the stretches
+    from `i - 1` on, with free slots `c - j` fixed by the index `j`; the option
+    replacing `b_{t0}` merges stretches `t0 - 1` and `t0`), and that price, less
+    the stretches from `t0` on, is fixed while they do not change. So from a state
+    with the same signature the rule makes the same stores, up to the last one:
+    the same `L`, replacing the first cheapest of the options `i <= t0` (their
+    order does not depend on `L`). E.g. with 1000 slots near 10**6 steps the last
+    ~11 stretches run through the same states every 84 steps (~19 stores, some
+    jumped by `_cycle_jump`), then a deep `b_i` is replaced, and the best price of
+    the first stretches stays put for thousands of runs; with 64 slots runs of 12
+    or 34 steps repeat from a few thousand steps on."""
+
+    t0: int
+    steps: int
+    tail: list[int]
+    first: int
+    signature: tuple
+
+    def repeat(self, prices: "_Prices", end: int, num_steps: int) -> int:
+        """Repeat the run while the state has the signature and the run ends by
+        `num_steps`: O(c - t0) per run, plus the last store's O(c - i)."""
+        lengths, t0 = prices.lengths, self.t0
+        while end + self.steps <= num_steps and _signature(prices, t0) == (
+            self.signature
+        ):
+            lengths[t0:] = self.tail
+            prices.update(t0)
+            i = prices.best_option()
+            assert i <= t0, "loopax internal error: a period did not repeat"
+            end = _store(prices, i, end + self.steps, self.first)
+        return end
+
+
+class _Periods:
+    """Finds `_Period`s: runs of stores whose `b_i` are all later than those of
+    the stores that begin and end them. A stack of the stores whose `b_i` no later
+    store has gone below (the previous smaller element, as in a monotone stack):
+    `[i, k, the last stretches after it, the smallest i stored after it]`, a jump of
+    `_cycle_jump` growing stretch `p` counting as a store in place of `b_{p+1}`.
+    O(1) amortised per store, plus a copy of the last `_PERIOD_TAIL` stretches."""
+
+    def __init__(self, c: int):
+        self.c = c
+        self.stack: list[list] = []
+
+    def grew(self, p: int) -> None:
+        if self.stack:
+            self.stack[-1][3] = min(self.stack[-1][3], p + 1)
+
+    def ended(self, i: int, k: int, first: int, prices: "_Prices") -> _Period | None:
+        """Before the store of `x_k`, `first` steps after the last one, in place of
+        `b_i`: the run it ends, if any (to check against the state after it)."""
+        c, stack = self.c, self.stack
+        least = c + 1
+        while stack and stack[-1][0] > i:
+            entry = stack.pop()
+            least = min(least, entry[0], entry[3])
+        if not stack:
+            return None
+        anchor = stack[-1]
+        least = min(least, anchor[3])
+        anchor[3] = least
+        t0 = least - 1
+        if not (i <= t0 < c and t0 >= 2 and c - t0 + 1 <= len(anchor[2])):
+            return None
+        # The stretches before t0 are as they were after the anchor's store.
+        alpha = prices.low[t0 - 2][0] + prices.paid[t0] - prices.before[t0]
+        signature = (*anchor[2][len(anchor[2]) - (c - t0 + 1) :], alpha)
+        return _Period(t0, k - anchor[1], prices.lengths[t0:], first, signature)
+
+    def stored(self, i: int, k: int, lengths: list[int]) -> None:
+        """After the store of `x_k` in place of `b_i`. An entry with the same `i`
+        can no longer begin a run (this one is later), so it is dropped, and what
+        came after it is counted with the entry below: at most one entry per `i`,
+        O(c) memory."""
+        stack = self.stack
+        if stack and stack[-1][0] == i:
+            entry = stack.pop()
+            if stack:
+                stack[-1][3] = min(stack[-1][3], entry[0], entry[3])
+        stack.append([i, k, lengths[-_PERIOD_TAIL:], self.c + 1])
+
+    def restart(self, c: int, end: int, lengths: list[int]) -> None:
+        self.stack = [[1, end, lengths[-_PERIOD_TAIL:], c + 1]]
+
+
+# The most stretches a `_Period`'s tail may have (each store copies that many).
+_PERIOD_TAIL = 64
 
 
 class _Prices:
