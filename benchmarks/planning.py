@@ -97,7 +97,9 @@ def one(kind, n, arg):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     result = value if kind == "suggest" else value.recompute_factor
-    print(json.dumps(dict(seconds=elapsed, rss_kib=rss_growth, peak=peak, result=result)))
+    print(
+        json.dumps(dict(seconds=elapsed, rss_kib=rss_growth, peak=peak, result=result))
+    )
 
 
 def grid(timeout):

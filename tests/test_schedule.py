@@ -15,6 +15,7 @@ import pytest
 from loopax._schedule import (
     OnlineState,
     beta,
+    counts as counts_module,
     forward_slots,
     online as online_module,
     online_init,
@@ -30,7 +31,6 @@ from loopax._schedule import (
     schedule,
     suggest_checkpoints as loopax_suggest,
 )
-from loopax._schedule import counts as counts_module
 from loopax._schedule.counts import _Prices, _rule_cost, online_table
 from loopax._schedule.offline import (
     INT32_MAX,

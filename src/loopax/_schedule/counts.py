@@ -31,7 +31,6 @@ docs/how-it-works.md, References).
 import functools as ft
 import itertools
 import math
-import operator
 from typing import NamedTuple
 
 from .offline import (
@@ -270,6 +269,7 @@ def _fast_forward(
         top -= 1
     while (top + 2) * (top + 1) // 2 <= cap:
         top += 1
+
     def stores_before(constant, offset, limit):
         # Whether f(L) = constant + Q(L + 1) - T(L + offset) > 0 for some L in
         # [1, limit]: a store by then, for an option priced `-constant` relative
