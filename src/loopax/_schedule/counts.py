@@ -274,10 +274,11 @@ def _fast_forward(
         # Whether f(L) = constant + Q(L + 1) - T(L + offset) > 0 for some L in
         # [1, limit]: a store by then, for an option priced `-constant` relative
         # to keeping (a few evaluations: see `_first_positive`).
-        def f(length):
+        def difference(length):
             return constant + q(length + 1) - t(length + offset)
 
-        return _first_positive(f, limit, top, t_capped_from(offset)) is not None
+        found = _first_positive(difference, limit, top, t_capped_from(offset))
+        return found is not None
 
     previous = (None, [])
     history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
@@ -285,6 +286,8 @@ def _fast_forward(
     lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
     end = b[c]
     prices = _Prices(lengths, c, cap)
+    # Runs need two stretches before `t0 < c` (`_signature`); the stores they
+    # repeat are not recorded.
     periods = _Periods(c) if c >= 3 and stores is None else None
     while True:
         keep = prices.before[c]
@@ -377,17 +380,16 @@ def _fast_forward(
         if len(history) > _CYCLE_STORES:
             del history[0]
             quiet -= 1
-        # Runs need two stretches before `t0 < c` (`_signature`).
         period = None if periods is None else periods.ended(i, k, first, prices)
         end = _store(prices, i, k, first)
         if periods is not None:
             periods.stored(i, k, lengths)
-        if period is not None and period.signature == _signature(prices, period.t0):
-            end = period.repeat(prices, end, num_steps)
-            periods.restart(c, end, lengths)
-            previous = (None, [])
-            history.clear()
-            quiet = 0
+            if period is not None and period.signature == _signature(prices, period.t0):
+                end = period.repeat(prices, end, num_steps)
+                periods.restart(c, end, lengths)
+                previous = (None, [])
+                history.clear()
+                quiet = 0
 
 
 def _store(prices: "_Prices", i: int, k: int, first: int) -> int:
