@@ -15,6 +15,7 @@ import pytest
 from loopax._schedule import (
     OnlineState,
     beta,
+    counts as counts_module,
     forward_slots,
     online as online_module,
     online_init,
@@ -30,7 +31,7 @@ from loopax._schedule import (
     schedule,
     suggest_checkpoints as loopax_suggest,
 )
-from loopax._schedule.counts import online_table
+from loopax._schedule.counts import _Prices, _rule_cost, online_table
 from loopax._schedule.offline import (
     INT32_MAX,
     _repetition_number,
@@ -660,6 +661,97 @@ def test_online_positions_jumps_are_exact(checkpoints, num_steps, cuts):
         online_positions.__globals__["_ONLINE"].clear()
         want = tuple(sorted(p for p in pos if p >= 0))
         assert online_positions(end, checkpoints) == want, (checkpoints, end)
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 64, 1000])
+def test_incremental_prices_match_the_sums(checkpoints):
+    """`_Prices`, repriced from the changed stretch on only, gives every option the
+    price of the rule's sums (`_greedy_slot`, on Python ints), after stores in
+    place of random `b_i` and growths of random stretches, at lengths where the
+    costs are trivial, general and capped."""
+    c = checkpoints
+    cap = INT32_MAX // (2 * c + 4)
+    rng = np.random.default_rng(c)
+    lengths = rng.integers(1, 4 * c + 10, c).tolist()
+    prices = _Prices(lengths, c, cap)
+    for _ in range(40):
+        if rng.random() < 0.5:  # A store in place of b_i, x_k k = b_c + new.
+            i = int(rng.integers(1, c + 1))
+            new = int(rng.choice([1, 3, 50, 10**4]))
+            if i < c:
+                lengths[i - 1] += lengths.pop(i)
+                lengths.append(new)
+            else:
+                lengths[c - 1] += new
+            prices.update(i - 1)
+        else:  # A cycle jump grows stretch p.
+            p = int(rng.integers(0, c))
+            lengths[p] += int(rng.choice([1, 7, 10**5]))
+            prices.update(p)
+        own = [_rule_cost(x, c - j, cap) for j, x in enumerate(lengths)]
+        more = [_rule_cost(x, c - j + 1, cap) for j, x in enumerate(lengths)]
+        assert prices.before[c] == sum(own)
+        assert prices.before[c - 1] == sum(own[: c - 1])
+        if c == 1:
+            continue
+        inner = [
+            sum(own[:m])
+            + _rule_cost(lengths[m] + lengths[m + 1], c - m, cap)
+            + sum(more[m + 2 :])
+            for m in range(c - 1)
+        ]
+        assert prices.best_inner() == min(inner)
+        assert prices.best_option() == inner.index(min(inner)) + 1
+
+
+def _count_periods(monkeypatch):
+    """Counts the runs `_Period.repeat` replays (a list of one int)."""
+    runs = [0]
+    repeat = counts_module._Period.repeat
+
+    def counted(self, prices, end, num_steps):
+        new_end = repeat(self, prices, end, num_steps)
+        runs[0] += (new_end - end) // self.steps
+        return new_end
+
+    monkeypatch.setattr(counts_module._Period, "repeat", counted)
+    return runs
+
+
+@pytest.mark.parametrize("checkpoints", [8, 16, 32, 64])
+def test_online_periods_repeat_exactly(monkeypatch, checkpoints):
+    """The fast-forward's repeated runs (`_Period`: the last stretches run through
+    the same stores, then a deep `b_i` is replaced, while the first stretches'
+    best price stays put) are the rule's: from a fresh cache, cut at random steps,
+    the positions equal those of the step-by-step rule, and runs were repeated."""
+    runs = _count_periods(monkeypatch)
+    num_steps = 10_000
+    slots = forward_slots(checkpoints, num_steps)
+    rng = np.random.default_rng(checkpoints + 1)
+    for end in sorted({num_steps, *rng.integers(100, num_steps, 8).tolist()}):
+        online_positions.__globals__["_ONLINE"].clear()
+        want = _slots_after(slots[:end], checkpoints)
+        assert online_positions(end, checkpoints) == want, (checkpoints, end)
+    assert runs[0] > 0
+
+
+@pytest.mark.parametrize("checkpoints, num_steps", [(300, 60_000), (1000, 510_000)])
+def test_online_periods_match_the_stores(monkeypatch, checkpoints, num_steps):
+    """Past ~c²/2 steps with many slots (too far for the step-by-step rule), the
+    repeated runs land where the fast-forward lands visiting each of their stores."""
+    runs = _count_periods(monkeypatch)
+    c = checkpoints
+    rng = np.random.default_rng(c)
+    ends = [num_steps, int(rng.integers(num_steps // 2, num_steps))]
+    got = []
+    for end in ends:
+        online_positions.__globals__["_ONLINE"].clear()
+        got.append(online_positions(end, c))
+    assert runs[0] > 0
+    monkeypatch.setattr(counts_module._Periods, "ended", lambda *args: None)
+    for end, positions in zip(ends, got, strict=True):
+        online_positions.__globals__["_ONLINE"].clear()
+        assert online_positions(end, c) == positions, (c, end)
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])

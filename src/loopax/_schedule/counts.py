@@ -12,9 +12,13 @@ that took longer than the gradient it described. The counts need much less:
   the online rule they are found by jumping from one store to the next
   (`online_positions`): between stores the rule's options change in two terms
   only, whose difference is convex, so the next store is found in closed form
-  (checked, with bisection as the fallback); and repeated cycles of stores that
-  only grow one stretch (most stores when `c` is large) are jumped over whole
-  (`_cycle_jump`).
+  (checked, with bisection as the fallback); the options' prices are kept as prefix
+  sums and running minima, repriced from the replaced position on only
+  (`_Prices`); repeated cycles of stores that only grow one stretch (most stores
+  when `c` is large) are jumped over whole (`_cycle_jump`); and so are runs of
+  stores in the last stretches that end by replacing a deeper position and leave
+  the last stretches, and the best price of the first ones, as they found them
+  (`_Period`).
 
 Everything here is checked against the exact replay (`replay.py`, which runs the real
 rules step by step) over a grid of `(n, c)` in the tests: if the online rule changes,
@@ -27,7 +31,6 @@ docs/how-it-works.md, References).
 import functools as ft
 import itertools
 import math
-import operator
 from typing import NamedTuple
 
 from .offline import (
@@ -138,14 +141,19 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     never grows again (one step, where `Q` reaches its cap, is checked alone), and if
     it is not positive there the rule never stores again.
 
-    Work: O(c) per store visited (the constants) plus a few closed forms to find
-    the next one (`_first_positive_guess`). Repeated cycles of up to
+    Work: O(c - i) per store visited that replaces `b_i` (`_Prices`; with many
+    slots most replace one of the last few) plus a few closed forms to find the
+    next one (`_first_positive_guess`). Repeated cycles of up to
     `_CYCLE_STORES / 2` stores are jumped over in O(log n) closed forms per change
     of a repetition number (`_cycle_jump`); with many slots that skips most stores
     (1000 slots: ~1700 of the ~200 000 stores up to 400 000 steps are visited).
-    Without such cycles (few slots) every store is still visited. Positions are
-    cached per `checkpoints`, so a longer loop resumes where a shorter one stopped.
-    Memory O(c) (and the last `_CYCLE_STORES` stores' prices).
+    Past ~c²/2 steps the cycles nest: runs of stores in the last stretches that
+    end by replacing a deeper `b_i` and leave the state as they found it, but for
+    the first stretches, are repeated whole (`_Period`, O(c - i) each). Without
+    either (few slots) every store is still visited.
+    Positions are cached per `checkpoints`, so a longer loop resumes where a
+    shorter one stopped. Memory O(c) (and the last `_CYCLE_STORES` stores' prices
+    and stretches).
     """
     c = checkpoints
     if num_steps <= c:
@@ -261,35 +269,36 @@ def _fast_forward(
         top -= 1
     while (top + 2) * (top + 1) // 2 <= cap:
         top += 1
+
+    def stores_before(constant, offset, limit):
+        # Whether f(L) = constant + Q(L + 1) - T(L + offset) > 0 for some L in
+        # [1, limit]: a store by then, for an option priced `-constant` relative
+        # to keeping (a few evaluations: see `_first_positive`).
+        def difference(length):
+            return constant + q(length + 1) - t(length + offset)
+
+        found = _first_positive(difference, limit, top, t_capped_from(offset))
+        return found is not None
+
     previous = (None, [])
     history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
     quiet = 0  # No cycle is tried while the history holds at most `quiet` stores.
     lengths = [b[j + 1] - b[j] for j in range(c)]  # stretch j = [b_j, b_{j+1})
-    # Stretch j's cost with its own free slots (c - j) and with one more, and that of
-    # stretches i - 1 and i merged (c - i + 1 free), i = 1 .. c - 1, at merged[i - 1].
-    own = _capped_costs(lengths, [c - j for j in range(c)], cap)
-    more = _capped_costs(lengths, [c - j + 1 for j in range(c)], cap)
-    merged = _capped_costs(
-        [lengths[i - 1] + lengths[i] for i in range(1, c)],
-        [c - i + 1 for i in range(1, c)],
-        cap,
-    )
+    end = b[c]
+    prices = _Prices(lengths, c, cap)
+    # Runs need two stretches before `t0 < c` (`_signature`); the stores they
+    # repeat are not recorded.
+    periods = _Periods(c) if c >= 3 and stores is None else None
     while True:
-        keep = sum(own)
-        # Replacing b_i, i < c: stretches before i - 1 as they are, i - 1 and i merged
-        # (c - i + 1 free), i + 1 .. c - 1 with one more free slot, and the last
-        # stretch [b_c, k) with one free slot, T(L).
-        # (Sums with C-level builtins: c is up to thousands.)
-        before = [*itertools.accumulate(own, initial=0)]  # before[j] = own[:j]
-        after = [*itertools.accumulate(reversed(more), initial=0)][::-1]  # more[j:]
-        # inner[i - 1] = before[i - 1] + merged[i - 1] + after[i + 1], i = 1 .. c - 1.
-        inner = [*map(operator.add, map(operator.add, before, merged), after[2:])]
+        keep = prices.before[c]
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
-        last = before[c - 1]
-        gap = b[c] - b[c - 1]
+        last = prices.before[c - 1]
+        gap = lengths[c - 1]
         jump = None
         if len(history) > quiet:
-            jump = _cycle_jump(history, lengths, c, cap, num_steps - b[c], q, t)
+            jump = _cycle_jump(
+                history, lengths, c, cap, num_steps - end, q, t, stores_before
+            )
         if isinstance(jump, int):
             # The cycle does not repeat: it diverges within its next `jump` stores,
             # so trying it again before those are in the history is wasted work.
@@ -297,28 +306,28 @@ def _fast_forward(
         elif jump is not None:
             p, growth, period = jump
             if stores is not None:  # The cycle's stores, repeated.
-                step = b[c]
-                while step < b[c] + growth:
-                    for first, i in [state[4] for state in history[-period:]]:
+                step = end
+                while step < end + growth:
+                    for first, i in [state.decision for state in history[-period:]]:
                         step += first
                         stores.append((step, i))
-            # Only stretch p grew: its own costs and the two merges with it change.
-            lengths = [*lengths[:p], lengths[p] + growth, *lengths[p + 1 :]]
-            b = [0, *itertools.accumulate(lengths)]
-            own[p], more[p] = _capped_costs([lengths[p]] * 2, [c - p, c - p + 1], cap)
-            for m in range(max(p, 1), p + 2):
-                merged[m - 1] = _rule_cost(lengths[m - 1] + lengths[m], c - m + 1, cap)
+            # Only stretch p grew: the prices from stretch p on change.
+            if periods is not None:
+                periods.grew(p)
+            lengths[p] += growth
+            end += growth
+            prices.update(p)
             previous = (None, [])
             history.clear()
             quiet = 0
             continue
-        limit = num_steps - b[c]
+        limit = num_steps - end
         first = None
         # f(L) = keep + Q(L + 1) - (price - T(L + offset)), for the best inner
         # option (offset 0) and replacing b_c (offset `gap`).
         options = [(keep - last, gap)]
-        if inner:
-            options.insert(0, (keep - min(inner), 0))
+        if c > 1:
+            options.insert(0, (keep - prices.best_inner(), 0))
         for constant, offset in options:
 
             def f(length, constant=constant, offset=offset):
@@ -338,17 +347,22 @@ def _fast_forward(
             if found is not None and (first is None or found < first):
                 first = found
         if first is None:
-            return b, limit > top
-        k = b[c] + first
+            return [0, *itertools.accumulate(lengths)], limit > top
+        k = end + first
         # The rule takes the first cheapest: the best inner option on a tie.
-        low = min(inner) if inner else None
+        low = prices.best_inner() if c > 1 else None
         if low is not None and low + t(first) <= last + t(first + gap):
-            i = inner.index(low) + 1
+            i = prices.best_option()
         else:
             i = c
         if stores is not None:
             stores.append((k, i))
-        signature = (first, i, keep, last, t(1 + gap), inner)
+        state = _Store(
+            lengths.copy(), prices.value.copy(), prices.paid[c], keep, last, (first, i)
+        )
+        # The prices of the options (`paid` matters only to the inner ones).
+        paid = state.paid if c > 1 else None
+        signature = (t(1 + gap), state.value, paid, keep, last, state.decision)
         if (
             stores is None
             and signature == previous[0]
@@ -359,32 +373,228 @@ def _fast_forward(
             # whose costs (all at the cap: they are non-decreasing, and would
             # otherwise have grown) do not change. Each store repeats the same
             # move, one step later, up to step `num_steps`.
-            lengths[grown] += num_steps - b[c]
+            lengths[grown] += num_steps - end
             return [0, *itertools.accumulate(lengths)], False
-        previous = (signature if first == 1 else None, lengths)
-        history.append((lengths, inner, keep, last, (first, i)))
+        previous = (signature if first == 1 else None, state.lengths)
+        history.append(state)
         if len(history) > _CYCLE_STORES:
             del history[0]
             quiet -= 1
-        b = b[:i] + b[i + 1 :] + [k]
-        # Storing x_k in place of b_i changes the stretches from i - 1 on: i - 1 and
-        # i (or [b_c, k) for i = c) merge, the later ones move one place down (one
-        # more free slot: their old `more` is their new `own`), then [b_c, k).
-        if i < c:
-            lengths = [*lengths[: i - 1], lengths[i - 1] + lengths[i]]
-            lengths += [*previous[1][i + 1 :], first]
-            own = [*own[: i - 1], merged[i - 1], *more[i + 1 :], t(first)]
-        else:
-            lengths = [*lengths[: c - 1], lengths[c - 1] + first]
-            own = [*own[: c - 1], t(lengths[c - 1])]
-        tail = range(i - 1, c)
-        more = more[: i - 1] + _capped_costs(
-            [lengths[j] for j in tail], [c - j + 1 for j in tail], cap
+        period = None if periods is None else periods.ended(i, k, first, prices)
+        end = _store(prices, i, k, first)
+        if periods is not None:
+            periods.stored(i, k, lengths)
+            if period is not None and period.signature == _signature(prices, period.t0):
+                end = period.repeat(prices, end, num_steps)
+                periods.restart(c, end, lengths)
+                previous = (None, [])
+                history.clear()
+                quiet = 0
+
+
+def _store(prices: "_Prices", i: int, k: int, first: int) -> int:
+    """Store `x_k`, `first` steps after the last store, in place of `b_i`: returns
+    `k`. The stretches change from `i - 1` on: `i - 1` and `i` (or `[b_c, k)` for
+    `i = c`) merge, the later ones move one place down, then `[b_c, k)`."""
+    lengths, c = prices.lengths, prices.c
+    if i < c:
+        lengths[i - 1] += lengths.pop(i)
+        lengths.append(first)
+    else:
+        lengths[c - 1] += first
+    prices.update(i - 1)
+    return k
+
+
+def _signature(prices: "_Prices", t0: int) -> tuple:
+    """What the rule's decisions depend on while it only stores in place of `b_i`,
+    `i > t0` (`_Period`): the stretches from `t0 - 1` on, and the price of the best
+    option replacing some `b_i`, `i < t0`, less the stretches from `t0` on (`value`
+    is relative to `P_c`, see `_Prices`)."""
+    alpha = prices.low[t0 - 2][0] + prices.paid[t0] - prices.before[t0]
+    return (*prices.lengths[t0 - 1 :], alpha)
+
+
+class _Period(NamedTuple):
+    """A run of stores that replaced `b_i`, `i > t0` only, ended by a store in place
+    of some `b_i`, `i <= t0` (`_Periods`), `steps` after the run began; before it,
+    the stretches from `t0` on were `tail`, and the last store was `first` steps
+    earlier. The state before the run had `signature` (`_signature`), and so has
+    the state after it.
+
+    The rule's decisions in the run depend on the stretches before `t0` only
+    through the price of the best option replacing some `b_i`, `i < t0`, relative
+    to keeping (options replacing a later `b_i` and keeping price the stretches
+    from `i - 1` on, with free slots `c - j` fixed by the index `j`; the option
+    replacing `b_{t0}` merges stretches `t0 - 1` and `t0`), and that price, less
+    the stretches from `t0` on, is fixed while they do not change. So from a state
+    with the same signature the rule makes the same stores, up to the last one:
+    the same `L`, replacing the first cheapest of the options `i <= t0` (their
+    order does not depend on `L`). E.g. with 1000 slots near 10**6 steps the last
+    ~11 stretches run through the same states every 84 steps (~19 stores, some
+    jumped by `_cycle_jump`), then a deep `b_i` is replaced, and the best price of
+    the first stretches stays put for thousands of runs; with 64 slots runs of 12
+    or 34 steps repeat from a few thousand steps on."""
+
+    t0: int
+    steps: int
+    tail: list[int]
+    first: int
+    signature: tuple
+
+    def repeat(self, prices: "_Prices", end: int, num_steps: int) -> int:
+        """Repeat the run while the state has the signature and the run ends by
+        `num_steps`: O(c - t0) per run, plus the last store's O(c - i)."""
+        lengths, t0 = prices.lengths, self.t0
+        while end + self.steps <= num_steps and _signature(prices, t0) == (
+            self.signature
+        ):
+            lengths[t0:] = self.tail
+            prices.update(t0)
+            i = prices.best_option()
+            assert i <= t0, "loopax internal error: a period did not repeat"
+            end = _store(prices, i, end + self.steps, self.first)
+        return end
+
+
+class _Periods:
+    """Finds `_Period`s: runs of stores whose `b_i` are all later than those of
+    the stores that begin and end them. A stack of the stores whose `b_i` no later
+    store has gone below (the previous smaller element, as in a monotone stack):
+    `[i, k, the last stretches after it, the smallest i stored after it]`, a jump of
+    `_cycle_jump` growing stretch `p` counting as a store in place of `b_{p+1}`.
+    O(1) amortised per store, plus a copy of the last `_PERIOD_TAIL` stretches."""
+
+    def __init__(self, c: int):
+        self.c = c
+        self.stack: list[list] = []
+
+    def grew(self, p: int) -> None:
+        if self.stack:
+            self.stack[-1][3] = min(self.stack[-1][3], p + 1)
+
+    def ended(self, i: int, k: int, first: int, prices: "_Prices") -> _Period | None:
+        """Before the store of `x_k`, `first` steps after the last one, in place of
+        `b_i`: the run it ends, if any (to check against the state after it)."""
+        c, stack = self.c, self.stack
+        least = c + 1
+        while stack and stack[-1][0] > i:
+            entry = stack.pop()
+            least = min(least, entry[0], entry[3])
+        if not stack:
+            return None
+        anchor = stack[-1]
+        least = min(least, anchor[3])
+        anchor[3] = least
+        t0 = least - 1
+        if not (i <= t0 < c and t0 >= 2 and c - t0 + 1 <= len(anchor[2])):
+            return None
+        # The stretches before t0 are as they were after the anchor's store.
+        alpha = prices.low[t0 - 2][0] + prices.paid[t0] - prices.before[t0]
+        signature = (*anchor[2][len(anchor[2]) - (c - t0 + 1) :], alpha)
+        return _Period(t0, k - anchor[1], prices.lengths[t0:], first, signature)
+
+    def stored(self, i: int, k: int, lengths: list[int]) -> None:
+        """After the store of `x_k` in place of `b_i`. An entry with the same `i`
+        can no longer begin a run (this one is later), so it is dropped, and what
+        came after it is counted with the entry below: at most one entry per `i`,
+        O(c) memory."""
+        stack = self.stack
+        if stack and stack[-1][0] == i:
+            entry = stack.pop()
+            if stack:
+                stack[-1][3] = min(stack[-1][3], entry[0], entry[3])
+        stack.append([i, k, lengths[-_PERIOD_TAIL:], self.c + 1])
+
+    def restart(self, c: int, end: int, lengths: list[int]) -> None:
+        self.stack = [[1, end, lengths[-_PERIOD_TAIL:], c + 1]]
+
+
+# The most stretches a `_Period`'s tail may have (each store copies that many).
+_PERIOD_TAIL = 64
+
+
+class _Prices:
+    """The prices of the online rule's options for fixed positions `b_0 .. b_c`,
+    kept up to date as the stretches change from some index on.
+
+    Stretch `j` costs `own[j]` with its own free slots (`c - j`) and `more[j]` with
+    one more; stretches `m` and `m + 1` merged cost `merged[m]` (`c - m` free).
+    Replacing `b_{m+1}`, `m <= c - 2`, keeps stretches before `m`, merges `m` and
+    `m + 1`, and gives each later stretch one more free slot: with `B_x` and `P_x`
+    the sums of `own` and `more` before stretch `x`, it costs `B_m + merged[m] +
+    P_c - P_{m+2}` besides the last stretch. Its part `value[m] = B_m + merged[m] -
+    P_{m+2}` depends on stretches `0 .. m + 1` only, and `P_c` is common to all
+    options, so the best option is the first minimum of `value`, shifted by `P_c`.
+
+    A store in place of `b_i` (or a jump of `_cycle_jump` growing stretch `i - 1`)
+    leaves stretches `0 .. i - 2` as they were, so `update(i - 1)` reprices from
+    there: O(c - i) costs and sums, with the running first minimum of `value` kept
+    per prefix. Past ~c²/2 steps with many slots, most stores replace one of the
+    last few `b_i` (1000 slots, up to 10**6 steps: c - i is 11 on average), where
+    pricing every stretch (O(c) per store) was most of the work."""
+
+    def __init__(self, lengths: list[int], c: int, cap: int):
+        self.lengths, self.c, self.cap = lengths, c, cap
+        self.own: list[int] = []
+        self.more: list[int] = []
+        self.merged: list[int] = []
+        self.before = [0]  # B_x, x = 0 .. c
+        self.paid = [0]  # P_x, x = 0 .. c
+        self.value: list[int] = []  # m = 0 .. c - 2
+        self.low: list[tuple[int, int]] = []  # the first minimum of value[: m + 1]
+        self.update(0)
+
+    def update(self, start: int) -> None:
+        """Reprice after a change of `lengths` from stretch `start` on (`lengths` is
+        shared with the caller, which changes it in place)."""
+        c, cap, lengths = self.c, self.cap, self.lengths
+        tail = lengths[start:]
+        for costs, extra in ((self.own, 0), (self.more, 1)):
+            del costs[start:]
+            costs += _capped_costs(tail, range(c - start + extra, extra, -1), cap)
+        for sums, costs in ((self.before, self.own), (self.paid, self.more)):
+            del sums[start + 1 :]
+            sums += itertools.accumulate(costs[start:], initial=sums[start])
+            del sums[start + 1]  # `initial`, repeated
+        # value[m] depends on stretches m and m + 1 (merged) and those before.
+        m0 = max(start - 1, 0)
+        del self.merged[m0:], self.value[m0:], self.low[m0:]
+        self.merged += _capped_costs(
+            [lengths[m] + lengths[m + 1] for m in range(m0, c - 1)],
+            range(c - m0, 1, -1),
+            cap,
         )
-        tail = range(max(i - 1, 1), c)
-        merged = merged[: max(i - 2, 0)] + _capped_costs(
-            [lengths[m - 1] + lengths[m] for m in tail], [c - m + 1 for m in tail], cap
-        )
+        before, paid, merged = self.before, self.paid, self.merged
+        self.value += [before[m] + merged[m] - paid[m + 2] for m in range(m0, c - 1)]
+        low = self.low[-1] if self.low else None
+        for m in range(m0, c - 1):
+            if low is None or self.value[m] < low[0]:
+                low = (self.value[m], m)
+            self.low.append(low)
+
+    def best_inner(self) -> int:
+        """The price of the best option replacing some `b_i`, `i < c`, besides the
+        last stretch (`c >= 2`)."""
+        return self.low[-1][0] + self.paid[self.c]
+
+    def best_option(self) -> int:
+        """That option's `i`, the first on a tie."""
+        return self.low[-1][1] + 1
+
+
+class _Store(NamedTuple):
+    """A store of the fast-forward, for `_cycle_jump`: the stretches and prices
+    before it (`value` and `paid` as in `_Prices`: the option replacing `b_{m+1}`
+    costs `value[m] + paid` besides the last stretch), and `(L, i)`: it stored
+    `L` steps after the last store, in place of `b_i`."""
+
+    lengths: list[int]
+    value: list[int]
+    paid: int
+    keep: int
+    last: int
+    decision: tuple[int, int]
 
 
 # How many of the last stores `_cycle_jump` remembers: it tries cycles seen twice in
@@ -392,7 +602,7 @@ def _fast_forward(
 _CYCLE_STORES = 64
 
 
-def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
+def _cycle_jump(history, lengths, c, cap, steps_left, q, t, stores_before):
     """Jump over repetitions of a cycle of stores: `(p, growth, P)` if the stores
     after the current state (right after a store) repeat the last `P` stores, each
     cycle growing stretch `p` only, `growth` steps in all; `P` if the last `P` stores
@@ -420,26 +630,28 @@ def _cycle_jump(history, lengths, c, cap, steps_left, q, t):
     count = len(history)
     if count < 2:
         return None
-    decision = history[-1][4]
+    decision = history[-1].decision
     end = lengths[-1]
     for period in range(1, count // 2 + 1):
-        if history[-1 - period][4] != decision or history[-period][0][-1] != end:
+        if (
+            history[-1 - period].decision != decision
+            or history[-period].lengths[-1] != end
+        ):
             continue
-        decisions = [state[4] for state in history[-2 * period :]]
+        decisions = [state.decision for state in history[-2 * period :]]
         if decisions[:period] != decisions[period:]:
             continue
-        old = history[-period]
+        old = history[-period].lengths
         p = min([i for _, i in decisions[-period:]]) - 1
-        if (
-            p <= c - 2
-            and old[0][p + 1 :] == lengths[p + 1 :]
-            and old[0][p] < lengths[p]
-        ):
-            growth = lengths[p] - old[0][p]
+        if p <= c - 2 and old[p + 1 :] == lengths[p + 1 :] and old[p] < lengths[p]:
+            growth = lengths[p] - old[p]
             break
     else:
         return None
-    cycle = [_CycleState(state, p, c, cap, q, t) for state in history[-period:]]
+    cycle = [
+        _CycleState(state, p, c, cap, q, t, stores_before)
+        for state in history[-period:]
+    ]
     most = steps_left // growth  # whole cycles that fit
 
     def holds(m):
@@ -480,9 +692,10 @@ class _CycleState:
     """One store of a cycle (`_cycle_jump`): its decision as a function of stretch
     `p`'s length, grown by `extra`."""
 
-    def __init__(self, state, p, c, cap, q, t):
-        lengths, inner, keep, last, self.decision = state
+    def __init__(self, state, p, c, cap, q, t, stores_before):
+        lengths, inner, paid, keep, last, self.decision = state
         self.p, self.c, self.cap, self.q, self.t = p, c, cap, q, t
+        self.stores_before = stores_before
         self.x = lengths[p]
         self.before = lengths[p - 1] if p >= 1 else None
         self.after = lengths[p + 1]
@@ -492,7 +705,7 @@ class _CycleState:
         # cheapest of each group, relative to keeping.
         self.group_a = _first_min(inner[: p - 1], 1) if p >= 2 else None
         self.group_b = _first_min(inner[p + 1 :], p + 2)
-        self.keep = keep
+        self.keep = keep - paid  # `inner` is relative to `P_c` (`_Prices`)
         self.inner_p = inner[p - 1] if p >= 1 else None
         self.inner_q = inner[p]
         self.costs0 = self._costs(self.x)
@@ -531,12 +744,17 @@ class _CycleState:
         if self.group_b is not None:
             candidates.append((self.group_b[0] - self.keep, self.group_b[1]))
         best, option = min(candidates)  # ties: the first option (smallest index)
-        q, t = self.q, self.t
-        for length in range(1, self.decision[0] + 1):
-            early = best + t(length)
-            late = self.late + t(length + self.gap)
-            if min(early, late) - q(length + 1) < 0:
-                return (length, option if early <= late else self.c) == self.decision
+        # No store before the decision's `L`, by either option (one evaluation at
+        # each end of the convex pieces of the price difference), then one there.
+        length = self.decision[0]
+        if self.stores_before(-best, 0, length - 1) or self.stores_before(
+            -self.late, self.gap, length - 1
+        ):
+            return False
+        early = best + self.t(length)
+        late = self.late + self.t(length + self.gap)
+        if min(early, late) - self.q(length + 1) < 0:
+            return (option if early <= late else self.c) == self.decision[1]
         return False
 
 
