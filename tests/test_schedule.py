@@ -31,7 +31,7 @@ from loopax._schedule import (
     schedule,
     suggest_checkpoints as loopax_suggest,
 )
-from loopax._schedule.counts import _Prices, _rule_cost, online_table
+from loopax._schedule.counts import _Prices, _rule_cost, _store, online_table
 from loopax._schedule.offline import (
     INT32_MAX,
     _repetition_number,
@@ -678,12 +678,7 @@ def test_incremental_prices_match_the_sums(checkpoints):
         if rng.random() < 0.5:  # A store in place of b_i, x_k k = b_c + new.
             i = int(rng.integers(1, c + 1))
             new = int(rng.choice([1, 3, 50, 10**4]))
-            if i < c:
-                lengths[i - 1] += lengths.pop(i)
-                lengths.append(new)
-            else:
-                lengths[c - 1] += new
-            prices.update(i - 1)
+            _store(prices, i, 0, new)
         else:  # A cycle jump grows stretch p.
             p = int(rng.integers(0, c))
             lengths[p] += int(rng.choice([1, 7, 10**5]))

@@ -40,7 +40,7 @@ def online_table_length(max_steps: int | None, checkpoints: int) -> int:
         steps = ONLINE_TABLE_STEPS
     else:
         steps = ONLINE_TABLE_STEPS_MANY_SLOTS
-    return min(steps, max_steps or steps)
+    return steps if max_steps is None else min(steps, max_steps)
 
 
 class OnlineState(NamedTuple):
