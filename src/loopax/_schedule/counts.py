@@ -270,15 +270,35 @@ def _fast_forward(
     while (top + 2) * (top + 1) // 2 <= cap:
         top += 1
 
-    def stores_before(constant, offset, limit):
-        # Whether f(L) = constant + Q(L + 1) - T(L + offset) > 0 for some L in
-        # [1, limit]: a store by then, for an option priced `-constant` relative
-        # to keeping (a few evaluations: see `_first_positive`).
-        def difference(length):
+    @ft.lru_cache(maxsize=1 << 12)
+    def first_store(constant, offset):
+        # The first L >= 1 with f(L) = constant + Q(L + 1) - T(L + offset) > 0, or
+        # None: when an option priced `-constant` relative to keeping stores.
+        # `f` does not grow past `top + 1` (`_first_positive`), so the first L
+        # within a limit is this one if it is within. The same few pairs come
+        # back store after store (16 slots, 10**6 steps: ~320 for ~145 000
+        # searches), hence the cache, bounded so that memory stays O(c).
+        def f(length):
             return constant + q(length + 1) - t(length + offset)
 
-        found = _first_positive(difference, limit, top, t_capped_from(offset))
-        return found is not None
+        capped = t_capped_from(offset)
+        # The guess is the first positive if f is positive there and not at 1
+        # and the step before: f is convex up to `bound` (`_first_positive`).
+        bound = min(top, capped - 1)
+        found = _first_positive_guess(constant, offset) if bound >= 1 else None
+        if (
+            found is not None
+            and found <= bound
+            and f(found) > 0
+            and (found == 1 or (f(1) <= 0 and f(found - 1) <= 0))
+        ):
+            return found
+        return _first_positive(f, top + 1, top, capped)
+
+    def stores_before(constant, offset, limit):
+        # Whether the option stores by L = `limit`.
+        found = first_store(constant, offset)
+        return found is not None and found <= limit
 
     previous = (None, [])
     history = []  # The last stores: state before, prices, decision (`_cycle_jump`).
@@ -329,22 +349,12 @@ def _fast_forward(
         if c > 1:
             options.insert(0, (keep - prices.best_inner(), 0))
         for constant, offset in options:
-
-            def f(length, constant=constant, offset=offset):
-                return constant + q(length + 1) - t(length + offset)
-
-            # The guess is the first positive if f is positive there and not at
-            # 1 and the step before: f is convex up to `bound` (`_first_positive`).
-            bound = min(limit, top, t_capped_from(offset) - 1)
-            found = _first_positive_guess(constant, offset) if bound >= 1 else None
-            if not (
+            found = first_store(constant, offset)
+            if (
                 found is not None
-                and found <= bound
-                and f(found) > 0
-                and (found == 1 or (f(1) <= 0 and f(found - 1) <= 0))
+                and found <= limit
+                and (first is None or found < first)
             ):
-                found = _first_positive(f, limit, top, t_capped_from(offset))
-            if found is not None and (first is None or found < first):
                 first = found
         if first is None:
             return [0, *itertools.accumulate(lengths)], limit > top
@@ -467,9 +477,7 @@ class _Period(NamedTuple):
             period = runs.ended(i, k, self.first, prices)
             end = _store(prices, i, k, self.first)
             runs.stored(i, k, lengths)
-            if period is not None and period.signature == _signature(
-                prices, period.t0
-            ):
+            if period is not None and period.signature == _signature(prices, period.t0):
                 end = period.repeat(prices, end, num_steps)
                 runs.restart(prices.c, end, lengths)
         return end
