@@ -749,6 +749,50 @@ def test_online_periods_match_the_stores(monkeypatch, checkpoints, num_steps):
         assert online_positions(end, c) == positions, (c, end)
 
 
+def _count_nested_periods(monkeypatch):
+    """Counts the runs of runs (`_Period.repeat` called inside another one)."""
+    nested, depth = [0], [0]
+    repeat = counts_module._Period.repeat
+
+    def tracked(self, prices, end, num_steps):
+        nested[0] += depth[0] > 0
+        depth[0] += 1
+        try:
+            return repeat(self, prices, end, num_steps)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(counts_module._Period, "repeat", tracked)
+    return nested
+
+
+@pytest.mark.parametrize("checkpoints, num_steps", [(32, 20_000), (128, 30_000)])
+def test_online_runs_of_runs_repeat_exactly(monkeypatch, checkpoints, num_steps):
+    """A repeated run's last stores, deep in the slots, repeat in runs of their own
+    (`_Period.repeat` finds them with a `_Periods` of its own): such runs of runs
+    happen, and land where the step-by-step rule does (c = 32) and where the
+    fast-forward without runs does (c = 128), cut at random steps."""
+    nested = _count_nested_periods(monkeypatch)
+    c = checkpoints
+    rng = np.random.default_rng(c + 2)
+    ends = sorted({num_steps, *rng.integers(num_steps // 4, num_steps, 5).tolist()})
+    got = []
+    for end in ends:
+        online_positions.__globals__["_ONLINE"].clear()
+        got.append(online_positions(end, c))
+    assert nested[0] > 0
+    if c <= 64:
+        slots = forward_slots(c, num_steps)
+        want = [_slots_after(slots[:end], c) for end in ends]
+    else:
+        monkeypatch.setattr(counts_module._Periods, "ended", lambda *args: None)
+        want = []
+        for end in ends:
+            online_positions.__globals__["_ONLINE"].clear()
+            want.append(online_positions(end, c))
+    assert got == want
+
+
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])
 def test_revolve_positions_match_the_table(checkpoints):
     for n in [0, 1, 2, 3, 4, 10, 14, 77, 300, 1234]:
