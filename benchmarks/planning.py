@@ -10,10 +10,10 @@ Run: `python benchmarks/planning.py [--json out.json]`.
 
 `--grid` times the online rule's counts the way issue 22 states its targets, one
 process per call (fresh caches, nothing shared between calls): `schedule(n, c)` for
-n in {10**6, 10**7} and c in {2, 8, 64, 1000}, and `suggest_checkpoints(10**6,
-max_recompute_factor=2)`, each with its growth of the peak resident memory
-(`resource`) and, when it takes under 2 s, its peak Python allocation (tracemalloc,
-in a second run). `--timeout S` gives up on a call after S seconds.
+n in {10**6, 10**7, 10**9} and c in {2, 8, 16, 64, 256, 512, 1000}, and
+`suggest_checkpoints(n, max_recompute_factor=2)`, each with its growth of the peak
+resident memory (`resource`) and, when it takes under 2 s, its peak Python
+allocation (tracemalloc, in a second run). `--timeout S` gives up on a call after S seconds.
 """
 
 import argparse
@@ -73,8 +73,12 @@ CASES = [
 
 
 GRID = [
-    *(("schedule", n, c) for n in (10**6, 10**7) for c in (2, 8, 64, 1000)),
-    ("suggest", 10**6, 2.0),
+    *(
+        ("schedule", n, c)
+        for n in (10**6, 10**7, 10**9)
+        for c in (2, 8, 16, 64, 256, 512, 1000)
+    ),
+    *(("suggest", n, 2.0) for n in (10**6, 10**7, 10**9)),
 ]
 
 
