@@ -488,18 +488,25 @@ class _Periods:
     """Finds `_Period`s: runs of stores whose `b_i` are all later than those of
     the stores that begin and end them. A stack of the stores whose `b_i` no later
     store has gone below (the previous smaller element, as in a monotone stack):
-    `[i, k, the stretches from i - 1 on after it, the smallest i stored after it]`,
-    a jump of `_cycle_jump` growing stretch `p` counting as a store in place of
-    `b_{p+1}`.
-    O(1) amortised per store, plus a copy of the stretches the store changed."""
+    `[i, k, the stretches from some index on after it, the smallest i stored after
+    it]`, a jump of `_cycle_jump` growing stretch `p` counting as a store in place
+    of `b_{p+1}`. O(1) amortised per store, plus a copy of the stretches the store
+    changed (from `i - 1` on; the last `_PERIOD_TAIL` of them once the stack holds
+    `_PERIOD_HELD * c` stretches, so memory stays O(c))."""
 
     def __init__(self, c: int):
         self.c = c
         self.stack: list[list] = []
+        self.held = 0  # Stretches in the stack's snapshots.
 
     def grew(self, p: int) -> None:
         if self.stack:
             self.stack[-1][3] = min(self.stack[-1][3], p + 1)
+
+    def _pop(self) -> list:
+        entry = self.stack.pop()
+        self.held -= len(entry[2])
+        return entry
 
     def ended(self, i: int, k: int, first: int, prices: "_Prices") -> _Period | None:
         """Before the store of `x_k`, `first` steps after the last one, in place of
@@ -507,7 +514,7 @@ class _Periods:
         c, stack = self.c, self.stack
         least = c + 1
         while stack and stack[-1][0] > i:
-            entry = stack.pop()
+            entry = self._pop()
             least = min(least, entry[0], entry[3])
         if not stack:
             return None
@@ -515,29 +522,38 @@ class _Periods:
         least = min(least, anchor[3])
         anchor[3] = least
         t0 = least - 1
-        if not (i <= t0 < c and t0 >= 2):
+        snapshot = anchor[2]
+        if not (i <= t0 < c and t0 >= 2 and c - t0 + 1 <= len(snapshot)):
             return None
-        # The stretches before t0 are as they were after the anchor's store, and
-        # its snapshot holds them from stretch `anchor_i - 1 <= t0 - 1` on.
+        # The stretches before t0 are as they were after the anchor's store.
         alpha = prices.low[t0 - 2][0] + prices.paid[t0] - prices.before[t0]
-        signature = (*anchor[2][t0 - anchor[0] :], alpha)
+        signature = (*snapshot[len(snapshot) - (c - t0 + 1) :], alpha)
         return _Period(t0, k - anchor[1], prices.lengths[t0:], first, signature)
 
     def stored(self, i: int, k: int, lengths: list[int]) -> None:
         """After the store of `x_k` in place of `b_i`. An entry with the same `i`
         can no longer begin a run (this one is later), so it is dropped, and what
-        came after it is counted with the entry below: at most one entry per `i`,
-        O(c) memory."""
+        came after it is counted with the entry below: at most one entry per `i`."""
         stack = self.stack
         if stack and stack[-1][0] == i:
-            entry = stack.pop()
+            entry = self._pop()
             if stack:
                 stack[-1][3] = min(stack[-1][3], entry[0], entry[3])
         # The store changed the stretches from i - 1 on: O(c - i), like repricing.
-        stack.append([i, k, lengths[i - 1 :], self.c + 1])
+        changed = self.c - i + 1
+        if self.held + changed > _PERIOD_HELD * self.c:
+            changed = min(changed, _PERIOD_TAIL)
+        stack.append([i, k, lengths[-changed:], self.c + 1])
+        self.held += changed
 
     def restart(self, c: int, end: int, lengths: list[int]) -> None:
         self.stack = [[1, end, lengths[:], c + 1]]
+        self.held = c
+
+
+# The stretches `_Periods` keeps per `c`, and per store past that.
+_PERIOD_HELD = 4
+_PERIOD_TAIL = 64
 
 
 class _Prices:
