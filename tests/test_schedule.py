@@ -793,6 +793,34 @@ def test_online_runs_of_runs_repeat_exactly(monkeypatch, checkpoints, num_steps)
     assert got == want
 
 
+@pytest.mark.parametrize("checkpoints", [2, 3, 5, 17, 64, 600])
+def test_online_trivial_stores_are_the_rules(monkeypatch, checkpoints):
+    """Right after the slots fill, every stretch is trivial to reverse and the rule
+    replaces `b_1` every second step (`_trivial_stores`, O(1) per store instead
+    of repricing O(c) stretches): those stores, and the positions at steps within
+    and past them, are the fast-forward's without the shortcut."""
+    c = checkpoints
+    cap = INT32_MAX // (2 * c + 4)
+    stores: list[tuple[int, int]] = []
+    lengths = [1] * c
+    end = counts_module._trivial_stores(lengths, c, c, 10 * c, cap, stores)
+    assert len(stores) >= c - 1 and end == stores[-1][0]
+    assert all(i == 1 for _, i in stores)
+    ends = [c + 1, c + 2, c + 5, 2 * c + 1, end - 1, end, end + 1, 4 * c + 3]
+    got = []
+    for n in ends:
+        online_positions.__globals__["_ONLINE"].clear()
+        got.append(online_positions(n, c))
+    want_stores: list[tuple[int, int]] = []
+    monkeypatch.setattr(counts_module, "_trivial_stores", lambda *args: args[2])
+    counts_module._fast_forward([*range(c + 1)], c, end, want_stores)
+    assert stores == want_stores[: len(stores)]
+    assert lengths == np.diff([0, *online_positions(end, c)]).tolist()
+    for n, positions in zip(ends, got, strict=True):
+        online_positions.__globals__["_ONLINE"].clear()
+        assert online_positions(n, c) == positions, (c, n)
+
+
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])
 def test_revolve_positions_match_the_table(checkpoints):
     for n in [0, 1, 2, 3, 4, 10, 14, 77, 300, 1234]:
