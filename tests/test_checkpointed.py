@@ -518,18 +518,28 @@ def test_bounded_loop_gets_a_table_of_every_step(monkeypatch):
     jax.clear_caches()  # No lowering with the shrunk tables outlives the test.
 
 
+def test_many_slots_use_the_whole_decision_table():
+    """With more than 512 slots the trace-time table holds its full 16384 steps
+    (building it is O(c) since the stores right after the fill are found in O(1)
+    each): a loop of 2500 steps with 600 slots, past the fill's trivial stores, runs
+    the replay's body calls and has the reference's gradient."""
+    checkpoints, n = 600, 2500
+    assert loopax._schedule.online.online_table_length(None, checkpoints) == 16384
+    got, calls = _recorded_grad(checkpoints, None, n)
+    assert tuple(calls) == loopax.schedule(n, checkpoints).body_calls
+    assert_tree_allclose(got, _ref_grad(n + 1)(X0, _int(n)), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "checkpoints, max_steps", [(3, None), (2, 20), (3, 6), (6, None), (1, None)]
 )
 def test_replay_past_the_online_decision_table(monkeypatch, checkpoints, max_steps):
     """The forward sweep looks the online rule's first decisions up in a table and
-    runs the rule itself past it: shrink the table to 4 steps (8 for the many-slot
-    table, here above 4 slots), and the body-call order still equals the replay
-    (which never uses the table) and the gradient is right."""
+    runs the rule itself past it: shrink the table to 4 steps, and the body-call
+    order still equals the replay (which never uses the table) and the gradient is
+    right."""
     online = loopax._schedule.online
     monkeypatch.setattr(online, "ONLINE_TABLE_STEPS", 4)
-    monkeypatch.setattr(online, "ONLINE_TABLE_MAX_CHECKPOINTS", 4)
-    monkeypatch.setattr(online, "ONLINE_TABLE_STEPS_MANY_SLOTS", 8)
     jax.clear_caches()  # The lowering of the loop is cached.
     grad = jax.jit(
         jax.grad(

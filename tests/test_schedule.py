@@ -454,7 +454,7 @@ def test_incremental_plan_matches_greedy_rule(checkpoints, num_steps):
     )
 
 
-@pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 17, 64, 150, 1000])
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 17, 64, 150, 1000, 2000])
 def test_compiled_table_matches_the_replay(checkpoints):
     """The compiled forward sweep's trace-time table comes from the fast-forward
     (`online_table`); it equals the replay of the rule's plans (`forward_slots`),

@@ -22,24 +22,20 @@ from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped, switch
 # and its conditionals), and with many slots the rule stores about every second
 # step: 16384 steps keep most loops inside the table (tiny body, c = 64, n = 5000:
 # gradient 0.54x the time with 1024 steps; RK4 ODE 0.88x) for a trace-time table of
-# 0.05-0.2 s, once per process, and constants of at most ~50 KB. A loop bounded by
-# `max_steps` within the table has every decision tabled, so the rule is not
-# compiled in at all: on XLA:CPU it is a third of the gradient's compile time.
+# 0.01-0.06 s, once per process, whatever `c` (the stores right after the fill are
+# found in O(1) each: `counts._trivial_stores`), and constants of at most ~64 KB. A
+# loop bounded by `max_steps` within the table has every decision tabled, so the
+# rule is not compiled in at all: on XLA:CPU it is a third of the gradient's
+# compile time. (Until session 8 the table held 1024 steps above 512 slots, where
+# building it cost O(c²): 0.55 s at c = 1000; 16384 steps now give 0.75x the
+# gradient time at c = 1000 and 2000, tiny body, n = 5000 and 20000.)
 ONLINE_TABLE_STEPS = 16384
-# Building the table visits the first ~c stores past step c at O(c) each (0.55 s at
-# c = 1000, 8 s at 4096), so with more slots the table holds only the first
-# `ONLINE_TABLE_STEPS_MANY_SLOTS` steps.
-ONLINE_TABLE_MAX_CHECKPOINTS = 512
-ONLINE_TABLE_STEPS_MANY_SLOTS = 1024
 
 
 def online_table_length(max_steps: int | None, checkpoints: int) -> int:
-    """How many of a loop's first decisions the trace-time table holds (the constants
-    are read at call time, so tests can shrink the table)."""
-    if checkpoints <= ONLINE_TABLE_MAX_CHECKPOINTS:
-        steps = ONLINE_TABLE_STEPS
-    else:
-        steps = ONLINE_TABLE_STEPS_MANY_SLOTS
+    """How many of a loop's first decisions the trace-time table holds (the constant
+    is read at call time, so tests can shrink the table)."""
+    steps = ONLINE_TABLE_STEPS
     return steps if max_steps is None else min(steps, max_steps)
 
 
