@@ -250,6 +250,7 @@ def _fast_forward(
     def q(length):  # keeping: the last stretch with no free slot
         return min(length * (length - 1) // 2, cap)
 
+    @ft.lru_cache(maxsize=1 << 12)  # The same few lengths, store after store.
     def t(length):  # the last stretch with one free slot
         return _cost_one_slot(length, cap)
 
@@ -646,6 +647,9 @@ class _Prices:
         """Reprice after a change of `lengths` from stretch `start` on (`lengths` is
         shared with the caller, which changes it in place)."""
         c, cap, lengths = self.c, self.cap, self.lengths
+        if start == c - 1 >= 1:  # After a store in place of b_c (most stores).
+            self._update_last()
+            return
         tail = lengths[start:]
         for costs, extra in ((self.own, 0), (self.more, 1)):
             del costs[start:]
@@ -669,6 +673,24 @@ class _Prices:
             if low is None or self.value[m] < low[0]:
                 low = (self.value[m], m)
             self.low.append(low)
+
+    def _update_last(self) -> None:
+        """`update(c - 1)` in O(1): the last stretch (one free slot, two with one
+        more), its merge with the one before (two free slots), and the sums and
+        the option `value[c - 2]` that read them."""
+        c, cap, lengths = self.c, self.cap, self.lengths
+        x = lengths[c - 1]
+        own, more = _capped_costs([x, x], range(1, 3), cap)
+        self.own[c - 1], self.more[c - 1] = own, more
+        before, paid = self.before, self.paid
+        before[c] = before[c - 1] + own
+        paid[c] = paid[c - 1] + more
+        (merged,) = _capped_costs([lengths[c - 2] + x], range(2, 3), cap)
+        self.merged[c - 2] = merged
+        value = before[c - 2] + merged - paid[c]
+        self.value[c - 2] = value
+        low = self.low[c - 3] if c >= 3 else None
+        self.low[c - 2] = low if low is not None and low[0] <= value else (value, c - 2)
 
     def best_inner(self) -> int:
         """The price of the best option replacing some `b_i`, `i < c`, besides the
