@@ -3,6 +3,7 @@
 import bisect
 import csv
 import functools as ft
+import itertools
 import math
 from pathlib import Path
 
@@ -819,6 +820,31 @@ def test_online_trivial_stores_are_the_rules(monkeypatch, checkpoints):
     for n, positions in zip(ends, got, strict=True):
         online_positions.__globals__["_ONLINE"].clear()
         assert online_positions(n, c) == positions, (c, n)
+
+
+@pytest.mark.parametrize("checkpoints", [2, 3, 8, 17])
+def test_online_saturated_stores_are_the_rules(monkeypatch, checkpoints):
+    """Once the first stretch's cost is at the rule's cap and the others are
+    trivial, every step is stored in place of `b_1` (`_saturated_stores`, all of
+    them at once; with more than ~32 000 slots the fill ends so): the same stores
+    and positions as the fast-forward store by store, from a first stretch just
+    long enough to be capped and a tail of 1s and 2s."""
+    c = checkpoints
+    cap = INT32_MAX // (2 * c + 4)
+    first = 1
+    while _rule_cost(first, c, cap) < cap:
+        first *= 2
+    tail = [1 + (j % 2) for j in range(c - 1)]
+    b = [0, *itertools.accumulate([first, *tail])]
+    for steps in (1, c - 1, c, 3 * c + 5):
+        got_stores: list[tuple[int, int]] = []
+        got = counts_module._fast_forward(list(b), c, b[c] + steps, got_stores)
+        with monkeypatch.context() as patch:
+            patch.setattr(counts_module, "_saturated_stores", lambda *args: False)
+            want_stores: list[tuple[int, int]] = []
+            want = counts_module._fast_forward(list(b), c, b[c] + steps, want_stores)
+        assert got == want and got_stores == want_stores, (c, steps)
+        assert got_stores == [(b[c] + j, 1) for j in range(1, steps + 1)]
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 5, 8, 13])

@@ -317,6 +317,12 @@ def _fast_forward(
     # repeat are not recorded.
     periods = _Periods(c) if c >= 3 and stores is None else None
     while True:
+        if (
+            c >= 2
+            and prices.own[0] == cap == prices.merged[0]
+            and _saturated_stores(lengths, c, end, num_steps, cap, stores)
+        ):
+            return [0, *itertools.accumulate(lengths)], False
         keep = prices.before[c]
         # Replacing b_c: the last two stretches merged, [b_{c-1}, k), one free slot.
         last = prices.before[c - 1]
@@ -437,10 +443,13 @@ def _trivial_stores(
     new first merge and the new last one need checking. Updates `lengths` in
     place, appends to `stores` if given; returns the step of the last store (or
     `end`)."""
-    if not 2 <= c <= cap - 3:  # trivial costs below the cap
-        return end
-    if any(lengths[j] > c - j + 2 for j in range(c)) or any(
-        lengths[m] + lengths[m + 1] > c - m + 2 for m in range(c - 1)
+    # A trivial cost `l - 1` is the rule's exactly while `l <= cap + 1`: with more
+    # than ~32 000 slots the cap ends the run (then the rule saturates).
+    top = cap + 1
+    if (
+        c < 2
+        or any(lengths[j] > min(c - j + 2, top) for j in range(c))
+        or any(lengths[m] + lengths[m + 1] > min(c - m + 2, top) for m in range(c - 1))
     ):
         return end
     first = lengths[0]
@@ -453,10 +462,41 @@ def _trivial_stores(
             stores.append((end, 1))
         # Still trivial: merging stretches 0 and 1 (c free slots), and the last
         # two (two free slots) if they are not those.
-        if first + rest[0] > c + 2 or (len(rest) >= 2 and rest[-2] > 2):
+        if first + rest[0] > min(c + 2, top) or (len(rest) >= 2 and rest[-2] > 2):
             break
     lengths[:] = [first, *rest]
     return end
+
+
+def _saturated_stores(
+    lengths: list[int], c: int, end: int, num_steps: int, cap: int, stores
+) -> bool:
+    """Every store up to `num_steps` once the first stretch's cost is at the cap
+    and the others are trivial (`_trivial_stores`), in O(c) for all of them: with
+    more than ~32 000 slots the fill ends so, and each store repricing O(c)
+    stretches made `schedule` O(c²) again. Returns False (changing nothing) if
+    the stretches are not so.
+
+    Replacing `b_1` then merges into a stretch priced at the cap either way, so it
+    saves stretch 1's `l_1 - 1` and costs `T(L)`: cheaper than keeping
+    (`Q(L + 1)`) at `L = 1` already, and than every other option (a trivial merge
+    costs one more step; replacing `b_c` costs `T(X + 1) - (X - 1) >= 1`). So
+    every step is stored in place of `b_1`: stretch 0 absorbs stretch 1, the
+    others move down one place, and a stretch of 1 is appended, which keeps the
+    state so. Updates `lengths` in place, appends to `stores` if given."""
+    top = cap + 1  # Trivial costs `l - 1` are exact up to here.
+    if any(lengths[j] > min(c - j + 2, top) for j in range(1, c)) or any(
+        lengths[m] + lengths[m + 1] > min(c - m + 2, top) for m in range(1, c - 1)
+    ):
+        return False
+    steps = num_steps - end
+    if stores is not None:
+        stores.extend((end + j, 1) for j in range(1, steps + 1))
+    absorbed = min(steps, c - 1)
+    rest = lengths[1 + absorbed :] + [1] * absorbed
+    # Past the first c - 1 stores stretch 0 absorbs the appended stretches of 1.
+    lengths[:] = [sum(lengths[: 1 + absorbed]) + steps - absorbed, *rest]
+    return True
 
 
 def _store(prices: "_Prices", i: int, k: int, first: int) -> int:
