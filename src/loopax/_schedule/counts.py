@@ -152,7 +152,11 @@ def online_positions(num_steps: int, checkpoints: int) -> tuple[int, ...]:
     end by replacing a deeper `b_i` and leave the state as they found it, but for
     the first stretches, are repeated whole (`_Period`, O(c - i) each), and so
     are runs of such runs. Without either (few slots) every store is still
-    visited, at ~15 us (the next store of each option is cached: `first_store`).
+    visited, at ~7 us (the next store of each option is cached: `first_store`;
+    the last few stretches are repriced in place: `_Prices._update_short`). Right
+    after the fill, while every stretch is trivial to reverse, the stores are
+    found in O(1) each (`_trivial_stores`), and once the first stretch's cost is
+    at the cap with a trivial tail, all later ones at once (`_saturated_stores`).
     Positions are cached per `checkpoints`, so a longer loop resumes where a
     shorter one stopped. Memory O(c) (and the last `_CYCLE_STORES` stores' prices
     and stretches).
