@@ -198,7 +198,11 @@ def suggest_checkpoints(
         of [`loopax.schedule`][], starting from the smallest `c` that meets the
         target with the offline optimum (a closed form no placement beats), then
         doubling and bisecting (the factor does not increase with `c`, which the
-        tests check over a grid);
+        tests check over a grid). With `known_length=False` each step of the search
+        fast-forwards the online rule: about a second at 10**6 steps, 10 s at
+        10**7; at 10**9 steps it can take many minutes, as the online rule then
+        needs far more slots than the offline optimum (see the FAQ, "Very long
+        loops of unknown length");
     - with `memory_budget` and `carry`: the *largest* `c` whose checkpoints fit, as
         [`loopax.checkpoints_for_budget`][], but at most `max(num_steps - 1, 1)`,
         which already recomputes nothing;
