@@ -425,6 +425,16 @@ def _fast_forward(
                 quiet = 0
 
 
+def _trivial_from(start: int, lengths: list[int], c: int, cap: int) -> bool:
+    """Whether every stretch from `start` on, and every merge of two of them, is
+    trivial to reverse (at most two steps more than its free slots, `c - j`) and
+    priced exactly (`l - 1` below the cap): then each costs its length less one."""
+    top = cap + 1
+    return all(lengths[j] <= min(c - j + 2, top) for j in range(start, c)) and all(
+        lengths[m] + lengths[m + 1] <= min(c - m + 2, top) for m in range(start, c - 1)
+    )
+
+
 def _trivial_stores(
     lengths: list[int], c: int, end: int, num_steps: int, cap: int, stores
 ) -> int:
@@ -450,11 +460,7 @@ def _trivial_stores(
     # A trivial cost `l - 1` is the rule's exactly while `l <= cap + 1`: with more
     # than ~32 000 slots the cap ends the run (then the rule saturates).
     top = cap + 1
-    if (
-        c < 2
-        or any(lengths[j] > min(c - j + 2, top) for j in range(c))
-        or any(lengths[m] + lengths[m + 1] > min(c - m + 2, top) for m in range(c - 1))
-    ):
+    if c < 2 or not _trivial_from(0, lengths, c, cap):
         return end
     first = lengths[0]
     rest = collections.deque(lengths[1:])
@@ -488,10 +494,7 @@ def _saturated_stores(
     every step is stored in place of `b_1`: stretch 0 absorbs stretch 1, the
     others move down one place, and a stretch of 1 is appended, which keeps the
     state so. Updates `lengths` in place, appends to `stores` if given."""
-    top = cap + 1  # Trivial costs `l - 1` are exact up to here.
-    if any(lengths[j] > min(c - j + 2, top) for j in range(1, c)) or any(
-        lengths[m] + lengths[m + 1] > min(c - m + 2, top) for m in range(1, c - 1)
-    ):
+    if not _trivial_from(1, lengths, c, cap):
         return False
     steps = num_steps - end
     if stores is not None:
