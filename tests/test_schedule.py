@@ -31,6 +31,7 @@ from loopax._schedule import (
     revolve_split,
     schedule,
     suggest_checkpoints as loopax_suggest,
+    wide,
 )
 from loopax._schedule.counts import _Prices, _rule_cost, _store, online_table
 from loopax._schedule.offline import (
@@ -42,16 +43,19 @@ from loopax._schedule.offline import (
     revolve_split_int,
 )
 from loopax._schedule.online import (
+    OnlinePlan,
     _cost_no_slot,
     _cost_one_slot,
     _full_plan,
     _greedy_slot,
     _hard_extent,
     next_store,
+    online_decide,
     online_plan,
     online_store,
 )
 from loopax._schedule.replay import replay_counts
+from loopax._schedule.wide import rule_cap
 
 
 # Optimal and Equinox body-evaluation counts per (checkpoints, num_steps), committed with
@@ -480,7 +484,7 @@ def test_head_plans_match_the_full_plan(monkeypatch, checkpoints, num_steps, hea
     monkeypatch.setattr(online_module, "FULL_PLAN_MAX_CHECKPOINTS", 2 * heads[0])
     monkeypatch.setattr(online_module, "_FORWARD", {})
     c = checkpoints
-    cap = INT32_MAX // (2 * c + 4)
+    cap = rule_cap(c)
     slots = forward_slots(c, num_steps)
     assert slots == _greedy_forward_slots(c, num_steps)
     traced = jax.jit(lambda pos, order: online_plan(pos, order, jnp))
@@ -521,9 +525,104 @@ def test_chunked_plan_matches_the_full_plan(monkeypatch, chunk):
         order = rng.permutation(c).astype(np.int32)
         slot_pos = np.empty(c, np.int32)
         slot_pos[order] = bounds[1:]
-        want = _full_plan(bounds, order, INT32_MAX // (2 * c + 4), np)
+        want = _full_plan(bounds, order, rule_cap(c), np)
         for x, y in zip(traced(slot_pos, order), want, strict=True):
             np.testing.assert_array_equal(np.asarray(x), y)
+
+
+@pytest.mark.parametrize("checkpoints", [1, 3, 1000, 40_000, 100_000])
+def test_wide_sums_are_exact(checkpoints):
+    """The rule's sums in two int32 limbs (`wide`) equal Python's exact sums of the
+    same capped costs: running sums both ways, the first minimum, and the clamped
+    excess over a base, with costs up to the cap and sums far past `2**31`."""
+    c = checkpoints
+    cap, bits = rule_cap(c), wide.limb_bits(c)
+    assert cap < 2**30 and (2 * c + 4) * (cap >> bits) <= INT32_MAX
+    assert (2 * c + 4) * ((1 << bits) - 1) <= INT32_MAX
+    rng = np.random.default_rng(c)
+    size = min(2 * c + 4, 3000)
+    for high in (3, 2**20, cap + 1):
+        costs = rng.integers(0, high, size).astype(np.int32)
+        costs[rng.integers(0, size, 5)] = cap
+        exact = np.cumsum(costs.astype(object))
+
+        def value(w):
+            return (np.asarray(w.hi).astype(object) << bits) + np.asarray(w.lo)
+
+        for xp in (np, jnp):
+            forward = wide.cumsum(xp.asarray(costs), bits, xp)
+            assert (value(forward) == exact).all()
+            backward = wide.cumsum(xp.asarray(costs), bits, xp, reverse=True)
+            assert (value(backward) == exact[-1] - exact + costs).all()
+            # Prices with ties (total + cost): the first minimum, as the rule takes.
+            prices = wide.add(forward, backward, bits, xp)
+            want = [int(exact[-1]) + int(x) for x in costs]
+            assert int(wide.argmin(prices, bits, xp)) == want.index(min(want))
+            base = wide.take(forward, 0)
+            got = wide.relative(forward, base, cap, bits, xp)
+            clamped = np.minimum(exact - exact[0], cap + 1)
+            assert (np.asarray(got).astype(object) == clamped).all()
+
+
+def _exact_option(bounds, step, cap):
+    """The rule's choice at `step` for the sorted positions `bounds` (`b_0 = 0 ..
+    b_c`), priced from scratch on Python ints with `_rule_cost`: the option index
+    (0: keep, i: replace `b_i`), the first of the cheapest."""
+    c = len(bounds) - 1
+    lengths = [bounds[j + 1] - bounds[j] for j in range(c)] + [step - bounds[c]]
+    prices = [
+        sum(_rule_cost(lengths[j], c - j, cap) for j in range(c))
+        + _rule_cost(step + 1 - bounds[c], 0, cap)
+    ]
+    for i in range(1, c + 1):
+        prices.append(
+            sum(_rule_cost(lengths[j], c - j, cap) for j in range(i - 1))
+            + _rule_cost(lengths[i - 1] + lengths[i], c - i + 1, cap)
+            + sum(_rule_cost(lengths[j], c - j + 1, cap) for j in range(i + 1, c + 1))
+        )
+    return prices.index(min(prices))
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 40, 150])
+def test_rule_prices_past_int32(monkeypatch, checkpoints):
+    """On long loops the rule's prices pass `2**31` (each cost is capped only at
+    `rule_cap`, about 2**30): from slot positions spread up to `2**31`, the rule
+    priced from scratch (`_greedy_slot`, eagerly and compiled) and its plans
+    (eagerly with heads, compiled in chunks and in full) decide as the exact
+    prices on Python ints do. Until session 9 each cost was capped at `2**31 //
+    (2 c + 4)`, where the rule degenerated: 1.07e6 with 1000 slots."""
+    monkeypatch.setattr(online_module, "_HEADS", (4, 16))
+    monkeypatch.setattr(online_module, "PLAN_CHUNK", 4)
+    monkeypatch.setattr(online_module, "FULL_PLAN_MAX_CHECKPOINTS", 8)
+    c = checkpoints
+    cap = rule_cap(c)
+    rng = np.random.default_rng(c)
+    greedy = jax.jit(lambda pos, steps: _greedy_slot(pos, steps, jnp))
+    planned = jax.jit(lambda pos, order: online_plan(pos, order, jnp))
+    limit = INT32_MAX - 2**24
+    decided = set()
+    for case in range(12):
+        # Long first stretches, then short or long ones, as the rule leaves them.
+        scale = rng.choice([10**3, 10**6, 10**8, limit // (c + 1)])
+        lengths = np.maximum(rng.exponential(scale, c).astype(np.int64), 1)
+        if case % 3 == 0:
+            lengths[c // 2 :] = rng.integers(1, 4, c - c // 2)
+        lengths = np.minimum(lengths, limit // (c + 1))
+        bounds = [0, *np.cumsum(lengths).tolist()]
+        order = rng.permutation(c).astype(np.int32)
+        pos = np.empty(c, np.int32)
+        pos[order] = bounds[1:]
+        offsets = [1, 2, 7, 100, 5000, 10**5, 10**7, 2**24 - 1]
+        steps = np.array([bounds[c] + d for d in offsets], dtype=np.int32)
+        want = [_exact_option(bounds, int(k), cap) for k in steps]
+        decided |= set(want)
+        want_slots = [-1 if i == 0 else int(order[i - 1]) for i in want]
+        assert _greedy_slot(pos, steps, np).tolist() == want_slots
+        assert np.asarray(greedy(pos, steps)).tolist() == want_slots
+        for plan in (online_plan(pos, order, np), planned(pos, order)):
+            plan = OnlinePlan(*(np.asarray(x) for x in plan))
+            assert online_decide(plan, steps, np).tolist() == want_slots
+    assert len(decided) >= min(c + 1, 3)  # Keeping, and replacing two b_i.
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 64, 100_000])
@@ -538,7 +637,7 @@ def test_closed_form_costs_of_the_last_stretch(checkpoints):
             INT32_MAX - np.arange(100),
         ]
     ).astype(np.int32)
-    cap = INT32_MAX // (2 * checkpoints + 4)
+    cap = rule_cap(checkpoints)
     for free, fast in [(0, _cost_no_slot), (1, _cost_one_slot)]:
         want = revolve_cost_capped(lengths, np.full_like(lengths, free), cap, np)
         np.testing.assert_array_equal(fast(lengths, cap, np), want)
@@ -671,7 +770,7 @@ def test_incremental_prices_match_the_sums(checkpoints):
     place of random `b_i` and growths of random stretches, at lengths where the
     costs are trivial, general and capped."""
     c = checkpoints
-    cap = INT32_MAX // (2 * c + 4)
+    cap = rule_cap(c)
     rng = np.random.default_rng(c)
     lengths = rng.integers(1, 4 * c + 10, c).tolist()
     prices = _Prices(lengths, c, cap)
@@ -801,7 +900,7 @@ def test_online_trivial_stores_are_the_rules(monkeypatch, checkpoints):
     of repricing O(c) stretches): those stores, and the positions at steps within
     and past them, are the fast-forward's without the shortcut."""
     c = checkpoints
-    cap = INT32_MAX // (2 * c + 4)
+    cap = rule_cap(c)
     stores: list[tuple[int, int]] = []
     lengths = [1] * c
     end = counts_module._trivial_stores(lengths, c, c, 10 * c, cap, stores)
@@ -826,11 +925,11 @@ def test_online_trivial_stores_are_the_rules(monkeypatch, checkpoints):
 def test_online_saturated_stores_are_the_rules(monkeypatch, checkpoints):
     """Once the first stretch's cost is at the rule's cap and the others are
     trivial, every step is stored in place of `b_1` (`_saturated_stores`, all of
-    them at once; with more than ~32 000 slots the fill ends so): the same stores
+    them at once; with more than ~10**6 slots the fill ends so): the same stores
     and positions as the fast-forward store by store, from a first stretch just
     long enough to be capped and a tail of 1s and 2s."""
     c = checkpoints
-    cap = INT32_MAX // (2 * c + 4)
+    cap = rule_cap(c)
     first = 1
     while _rule_cost(first, c, cap) < cap:
         first *= 2
@@ -872,15 +971,15 @@ def test_counts_match_replay(checkpoints, known_length):
 
 
 def test_counts_match_replay_long():
-    """Longer loops, and the rule's saturation: its costs are capped in int32, and
-    past about 525k steps with one slot (1.68M with two) it stores at every step,
-    which `online_positions` jumps over. Around those points the real rule is
-    stepped from the fast-forward's state and compared at every step."""
+    """Longer loops, and the rule's saturation: each of its costs is capped below
+    2**30, and past about 859k steps with one slot (4.22M with two) it stores at
+    every step, which `online_positions` jumps over. Around those points the real
+    rule is stepped from the fast-forward's state and compared at every step."""
     online_positions.__globals__["_ONLINE"].clear()
     for n, c in [(3000, 2), (20_000, 40)]:
         plan = schedule(n, c)
         assert (plan.num_recomputed, plan.peak_slots_used) == replay_counts(plan)
-    for c, saturation in [(1, 524_859), (2, 1_681_847)]:
+    for c, saturation in [(1, 859_250), (2, 4_220_779)]:
         start = saturation - 600
         pos = np.array(online_positions(start, c), dtype=np.int32)
         state = OnlineState(pos)
@@ -953,3 +1052,36 @@ def test_schedule_is_pure():
                 continue
             for module in modules:
                 assert module.split(".")[0] != "loopax", (path.name, module)
+
+
+def test_long_loops_do_not_saturate_the_rule():
+    """With two slots and 3·10**6 steps the rule's prices pass `2**31`: priced
+    exactly, its stores cost within 0.001 of the known-length optimum's factor
+    (98.029 against 98.028; with every cost capped at `2**31 // (2 c + 4)`, as
+    until session 9, it stored every step past 1.68·10**6 and paid 98.528). The
+    compiled rule (plan, search and store, traced) ends with the replay's slots."""
+    c, n = 2, 3 * 10**6
+    online = schedule(n, c).recompute_factor
+    assert online - schedule(n, c, known_length=True).recompute_factor < 1e-3
+
+    @jax.jit
+    def final_slots():
+        def body(carry):
+            slot_pos, plan, k = carry
+            stop, slot = next_store(plan, k, 4096, jnp)
+            slot = jnp.where(stop > n, -1, slot)  # Stores past step n do not count.
+            stop = jnp.minimum(stop, n)
+
+            def store():
+                pos, order = online_store(slot_pos, plan, slot, stop, jnp)
+                return pos, online_plan(pos, order, jnp)
+
+            slot_pos, plan = lax.cond(slot >= 0, store, lambda: (slot_pos, plan))
+            return slot_pos, plan, stop
+
+        slot_pos = jnp.arange(1, c + 1, dtype=jnp.int32)
+        plan = online_plan(slot_pos, jnp.arange(c, dtype=jnp.int32), jnp)
+        carry = (slot_pos, plan, jnp.int32(c))
+        return lax.while_loop(lambda v: v[2] < n, body, carry)[0]
+
+    assert tuple(sorted(np.asarray(final_slots()).tolist())) == online_positions(n, c)

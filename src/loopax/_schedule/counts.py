@@ -35,12 +35,12 @@ import math
 from typing import NamedTuple
 
 from .offline import (
-    INT32_MAX,
     _repetition_number,
     beta,
     revolve_cost,
     revolve_split_int,
 )
+from .wide import rule_cap
 
 
 class Counts(NamedTuple):
@@ -249,7 +249,7 @@ def _fast_forward(
     """Apply the online rule's stores up to step `num_steps`, starting from the
     sorted positions `b` (with `b[0] = 0`) right after a store at `b[c]`. With
     `stores`, append each store to it as `(step, i)`: `x_step` replaced `b_i`."""
-    cap = INT32_MAX // (2 * c + 4)
+    cap = rule_cap(c)
 
     def q(length):  # keeping: the last stretch with no free slot
         return min(length * (length - 1) // 2, cap)
@@ -458,7 +458,7 @@ def _trivial_stores(
     place, appends to `stores` if given; returns the step of the last store (or
     `end`)."""
     # A trivial cost `l - 1` is the rule's exactly while `l <= cap + 1`: with more
-    # than ~32 000 slots the cap ends the run (then the rule saturates).
+    # than ~10**6 slots the cap ends the run (then the rule saturates).
     top = cap + 1
     if c < 2 or not _trivial_from(0, lengths, c, cap):
         return end
@@ -483,8 +483,9 @@ def _saturated_stores(
 ) -> bool:
     """Every store up to `num_steps` once the first stretch's cost is at the cap
     and the others are trivial (`_trivial_stores`), in O(c) for all of them: with
-    more than ~32 000 slots the fill ends so, and each store repricing O(c)
-    stretches made `schedule` O(c²) again. Returns False (changing nothing) if
+    more than ~10**6 slots the fill ends so (~32 000 until the rule's sums were
+    widened in session 9), and each store repricing O(c) stretches made
+    `schedule` O(c²) again. Returns False (changing nothing) if
     the stretches are not so.
 
     Replacing `b_1` then merges into a stretch priced at the cap either way, so it

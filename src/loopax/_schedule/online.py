@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import wide
 from .offline import _MAX_SQUARE, INT32_MAX, cond, revolve_cost_capped, switch
 
 
@@ -89,15 +90,17 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     This is the reference form of the rule; the compiled forward sweep and
     `forward_slots` make the same decisions from an `OnlinePlan`, rebuilt per store
     (usually from a few dozen revolve costs, whatever `c`: see `online_plan`), and
-    $O(1)$ per step. Costs
-    are summed in int32 with each term capped at `(2**31 - 1) // (2 * checkpoints + 4)`.
-    Once the first stretch's cost reaches the cap (10**7 steps: at c <= 8 and at
-    c = 1000; 10**8: every c measured), replacing $b_1$ is always cheapest: every
-    later step is stored and the slots hold the last `checkpoints` steps, so the
-    backward sweep reverses the first stretch with every slot. Still valid, but
-    the forward sweep's stores are then wasted: about `n` more evaluations than
-    the offline optimum, i.e. +0.5 on the recompute factor (c = 8, 10**7 steps:
-    10.00 against 9.50; c = 1000: 2.47 against 1.97).
+    $O(1)$ per step. Each revolve cost in a price is capped at `wide.rule_cap(c)`
+    (`2**30 - 1` up to 32 765 slots) and the prices are summed exactly, in two int32
+    limbs (`wide.py`), since they pass `2**31` on long loops. Once the first
+    stretch's cost reaches the cap anyway (two slots: past 4.2·10**6 steps; eight:
+    past ~10**8; 64: near 10**9), replacing $b_1$ is always cheapest: every later
+    step is stored, and the slots hold the last `checkpoints` steps. Still valid,
+    but those stores are wasted: about `n` more evaluations than the offline
+    optimum, +0.5 on the recompute factor (10**9 steps, 64 slots: 4.42 against
+    3.92). Until session 9 each cost was capped at `(2**31 - 1) // (2c + 4)` so
+    that plain int32 sums fit, and this happened 10-100x sooner (10**7 steps, 1000
+    slots: 2.47 against 1.97; now 1.97).
 
     **Arguments:**
 
@@ -138,7 +141,7 @@ def _greedy_slot(pos, step, xp):
     """
     c = pos.shape[0]
     batch = xp.shape(step)
-    cap = INT32_MAX // (2 * c + 4)
+    cap, bits = wide.rule_cap(c), wide.limb_bits(c)
     order = xp.argsort(pos).astype(xp.int32)
     step = step[..., None]
     zero = xp.zeros(batch + (1,), dtype=xp.int32)
@@ -154,20 +157,19 @@ def _greedy_slot(pos, step, xp):
     costs = revolve_cost_capped(all_lengths, all_free, cap, xp)
     keep_free = costs[..., : c + 1]  # stretch j with its own free slots
     one_more = costs[..., c + 1 : 2 * c + 2]  # stretch j with one more free slot
-    merged_cost = costs[..., 2 * c + 2 : 3 * c + 2]
-    last_if_kept = costs[..., 3 * c + 2 :]
+    merged_cost = wide.split(costs[..., 2 * c + 2 : 3 * c + 2], bits, xp)
+    last_if_kept = wide.split(costs[..., 3 * c + 2 :], bits, xp)
     # Keep: stretches 0 .. c - 1 as they are, then [b_c, step + 1) with no free slot.
-    keep = xp.sum(keep_free[..., :c], axis=-1, keepdims=True, dtype=xp.int32)
-    keep = keep + last_if_kept
+    own_sums = wide.cumsum(keep_free[..., :c], bits, xp)
+    keep = wide.add(wide.take(own_sums, slice(c - 1, c)), last_if_kept, bits, xp)
     # Replace b_i (i = 1 .. c): stretches before i - 1 unchanged, stretches i - 1 and i
     # merged, the later ones with one more free slot, and [step, step + 1) for free.
-    before = xp.cumsum(keep_free, axis=-1, dtype=xp.int32)[..., : c - 1]
-    before = xp.concatenate([zero, before], axis=-1)
-    after = xp.cumsum(one_more[..., ::-1], axis=-1, dtype=xp.int32)[..., ::-1]
-    after = xp.concatenate([after[..., 2:], zero], axis=-1)
-    replace = before + merged_cost + after
-    options = xp.concatenate([keep, replace], axis=-1)
-    best = xp.argmin(options, axis=-1).astype(xp.int32)
+    zero = wide.split(xp.zeros(batch + (1,), dtype=xp.int32), bits, xp)
+    before = wide.concatenate([zero, wide.take(own_sums, slice(None, c - 1))], xp)
+    after = wide.cumsum(one_more, bits, xp, reverse=True)
+    after = wide.concatenate([wide.take(after, slice(2, None)), zero], xp)
+    replace = wide.add(wide.add(before, merged_cost, bits, xp), after, bits, xp)
+    best = wide.argmin(wide.concatenate([keep, replace], xp), bits, xp)
     return xp.where(best == 0, -1, order[xp.maximum(best - 1, 0)]).astype(xp.int32)
 
 
@@ -219,7 +221,7 @@ def online_plan(slot_pos, order, xp) -> OnlinePlan:
     cost whatever `c`.
     """
     c = slot_pos.shape[0]
-    cap = INT32_MAX // (2 * c + 4)
+    cap = wide.rule_cap(c)
     bounds = xp.concatenate([xp.zeros((1,), dtype=xp.int32), slot_pos[order]])
     # A trivial stretch has at most c + 2 steps; its cost must stay below the cap.
     trivial_fits = c + 2 <= cap
@@ -286,29 +288,39 @@ def _head_plan(bounds, order, cap: int, xp, *, h: int) -> OnlinePlan:
         xp,
     )
     own, more, merged_cost = costs[:h], costs[h : 2 * h], costs[2 * h :]
-    zero = xp.zeros((1,), dtype=xp.int32)
+    bits = wide.limb_bits(c)
+    zero = wide.split(xp.zeros((1,), dtype=xp.int32), bits, xp)
     first_tail = bounds[h + 1] - bounds[h] - 1  # stretch H's cost, any free slots
     tail = bounds[c] - bounds[h] - (c - h)  # stretches j >= h
-    head = xp.sum(own, dtype=xp.int32)
-    before = xp.concatenate([zero, xp.cumsum(own, dtype=xp.int32)])[:h]
+    own_sums = wide.cumsum(own, bits, xp)
+    head = wide.take(own_sums, h - 1)
+    before = wide.concatenate([zero, wide.take(own_sums, slice(None, h - 1))], xp)
     # after[i - 1] = more[i + 1] + ... + more[h - 1] + tail, for i = 1 .. h.
-    more_after = xp.concatenate([more, first_tail[None]])[::-1]
-    more_after = xp.cumsum(more_after, dtype=xp.int32)[::-1]
-    after = xp.concatenate([more_after[2:], zero]) + (tail - first_tail)
-    prices = before + merged_cost + after
-    best = xp.argmin(prices).astype(xp.int32)
-    tail_price = head + tail + 1  # replacing b_{h + 1} (or any later b_i)
-    use_tail = tail_price < prices[best]
-    keep = head + tail
-    return OnlinePlan(
-        order=order,
-        keep=xp.asarray(keep, dtype=xp.int32),
-        early=xp.asarray(xp.where(use_tail, tail_price, prices[best]), dtype=xp.int32),
-        early_slot=xp.asarray(order[xp.where(use_tail, h, best)], dtype=xp.int32),
-        late=xp.asarray(keep - (bounds[c] - bounds[c - 1] - 1), dtype=xp.int32),
-        late_slot=order[c - 1],
-        last=bounds[c],
-        second_last=bounds[c - 1],
+    more_after = wide.cumsum(
+        xp.concatenate([more, first_tail[None]]), bits, xp, reverse=True
+    )
+    after = wide.concatenate([wide.take(more_after, slice(2, None)), zero], xp)
+    after = wide.add(after, wide.split(tail - first_tail, bits, xp), bits, xp)
+    prices = wide.add(
+        wide.add(before, wide.split(merged_cost, bits, xp), bits, xp), after, bits, xp
+    )
+    best = wide.argmin(prices, bits, xp)
+    keep = wide.add(head, wide.split(tail, bits, xp), bits, xp)
+    tail_price = wide.add(
+        keep, wide.split(1, bits, xp), bits, xp
+    )  # b_{h + 1}, any later
+    use_tail = wide.less(tail_price, wide.take(prices, best), xp)
+    early = wide.where(use_tail, tail_price, wide.take(prices, best), xp)
+    last_cost = wide.split(bounds[c] - bounds[c - 1] - 1, bits, xp)
+    return _relative_plan(
+        bounds,
+        order,
+        keep,
+        early,
+        order[xp.where(use_tail, h, best)],
+        wide.sub(keep, last_cost, bits, xp),
+        cap,
+        xp,
     )
 
 
@@ -325,7 +337,7 @@ def _full_plan(bounds, order, cap: int, xp) -> OnlinePlan:
         xp,
     )
     return _plan_from_costs(
-        bounds, order, costs[:c], costs[c : 2 * c], costs[2 * c :], xp
+        bounds, order, costs[:c], costs[c : 2 * c], costs[2 * c :], cap, xp
     )
 
 
@@ -343,9 +355,17 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
     before $M$ is known. First minima win, so the decisions are the full plan's.
     """
     c = order.shape[0]
+    bits = wide.limb_bits(c)
     # b_0 .. b_c, then zero-length stretches (cost 0) for the last chunk to read.
     bounds = jnp.concatenate([bounds, jnp.broadcast_to(bounds[c], (chunk + 1,))])
     extent = _hard_extent(bounds[: c + 1], c, jnp)
+    zero = wide.split(jnp.int32(0), bits, jnp)
+
+    def add(a, b):
+        return wide.add(a, b, bits, jnp)
+
+    def sub(a, b):
+        return wide.sub(a, b, bits, jnp)
 
     def price_chunk(index, carry):
         own_sum, late_sum, more_sum, best, best_merge = carry
@@ -363,84 +383,120 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
         own, more = costs[:chunk], costs[chunk + 1 : 2 * chunk + 2]
         merged = costs[2 * chunk + 2 :]  # merge m = start + w (replacing b_{m+1})
         # One prefix sum for both rows (each is a kernel of its own on XLA:CPU).
-        sums = jnp.cumsum(jnp.stack([costs[: chunk + 1], more]), axis=1)
-        own_through, more_through = sums[0, :chunk], sums[1, 1:]
-        before = own_sum + own_through - own  # B_m
-        value = jnp.where(
-            stretch[:-1] <= c - 2, before + merged - more_sum - more_through, INT32_MAX
+        sums = wide.cumsum(jnp.stack([costs[: chunk + 1], more]), bits, jnp)
+        own_through = wide.Wide(sums.hi[0, :chunk], sums.lo[0, :chunk])
+        more_through = wide.Wide(sums.hi[1, 1:], sums.lo[1, 1:])
+        before = sub(add(own_sum, own_through), wide.split(own, bits, jnp))  # B_m
+        value = sub(
+            add(before, wide.split(merged, bits, jnp)), add(more_sum, more_through)
         )
-        w = jnp.argmin(value).astype(jnp.int32)
-        better = value[w] < best
+        value = wide.Wide(
+            jnp.where(stretch[:-1] <= c - 2, value.hi, INT32_MAX), value.lo
+        )
+        w = wide.argmin(value, bits, jnp)
+        value = wide.take(value, w)
+        better = wide.less(value, best, jnp)
         # The stretches of the chunk before the last one (c - 1).
         early_stretches = jnp.clip(c - 1 - start, 0, chunk)
+        early_own = wide.take(own_through, jnp.maximum(early_stretches - 1, 0))
+        early_own = wide.Wide(
+            *(jnp.where(early_stretches > 0, x, 0) for x in early_own)
+        )
         return (
-            own_sum + own_through[-1],
-            late_sum
-            + jnp.where(early_stretches > 0, own_through[early_stretches - 1], 0),
-            more_sum + more_through[-2],
-            jnp.where(better, value[w], best),
+            add(own_sum, wide.take(own_through, chunk - 1)),
+            add(late_sum, early_own),
+            add(more_sum, wide.take(more_through, chunk - 2)),
+            wide.where(better, value, best, jnp),
             jnp.where(better, start + w, best_merge),
         )
 
-    zero = jnp.int32(0)
     chunks = (extent + chunk - 1) // chunk
-    init = (zero, zero, zero, jnp.int32(INT32_MAX), jnp.int32(-1))
+    none = wide.Wide(jnp.int32(INT32_MAX), jnp.int32(0))
+    init = (zero, zero, zero, none, jnp.int32(-1))
     own_sum, late_sum, more_sum, best, best_merge = lax.fori_loop(
         0, chunks, price_chunk, init
     )
     # Stretches from `priced` on cost one step less than their length.
     priced = chunks * chunk
     first_trivial = jnp.minimum(priced, c)
-    trivial_sum = bounds[c] - bounds[first_trivial] - (c - first_trivial)
-    keep = own_sum + trivial_sum
+    trivial_sum = wide.split(
+        bounds[c] - bounds[first_trivial] - (c - first_trivial), bits, jnp
+    )
+    keep = add(own_sum, trivial_sum)
     last_is_trivial = priced <= c - 1
-    late = (
-        late_sum
-        + trivial_sum
-        - jnp.where(last_is_trivial, bounds[c] - bounds[c - 1] - 1, 0)
-    )
-    # `best` stays INT32_MAX only if no chunk was priced: then the tail is taken.
-    general = jnp.where(best_merge < 0, 0, best) + more_sum + trivial_sum
+    last_cost = jnp.where(last_is_trivial, bounds[c] - bounds[c - 1] - 1, 0)
+    late = sub(add(late_sum, trivial_sum), wide.split(last_cost, bits, jnp))
+    # `best` stays unset only if no chunk was priced: then the tail is taken.
+    best = wide.where(best_merge < 0, zero, best, jnp)
+    general = add(add(best, more_sum), trivial_sum)
     # Replacing b_{m+1}, m >= priced: one step more than keeping, the first one best.
-    use_tail = (priced <= c - 2) & ((best_merge < 0) | (keep + 1 < general))
-    early = jnp.where(use_tail, keep + 1, general)
-    early_slot = order[jnp.where(use_tail, jnp.minimum(priced, c - 1), best_merge)]
-    return OnlinePlan(
-        order=order,
-        keep=keep,
-        early=early.astype(jnp.int32),
-        early_slot=early_slot.astype(jnp.int32),
-        late=late.astype(jnp.int32),
-        late_slot=order[c - 1],
-        last=bounds[c],
-        second_last=bounds[c - 1],
+    keep_plus_one = add(keep, wide.split(jnp.int32(1), bits, jnp))
+    use_tail = (priced <= c - 2) & (
+        (best_merge < 0) | wide.less(keep_plus_one, general, jnp)
     )
+    early = wide.where(use_tail, keep_plus_one, general, jnp)
+    early_slot = order[jnp.where(use_tail, jnp.minimum(priced, c - 1), best_merge)]
+    return _relative_plan(bounds, order, keep, early, early_slot, late, cap, jnp)
 
 
-def _plan_from_costs(bounds, order, own, more, merged_cost, xp) -> OnlinePlan:
+def _plan_from_costs(bounds, order, own, more, merged_cost, cap: int, xp) -> OnlinePlan:
     """The plan from each stretch's revolve cost with its own free slots (`own`) and
     with one more (`more`), and that of stretches `i - 1` and `i` merged
     (`merged_cost[i - 1]`, `c - i + 1` free slots)."""
     c = order.shape[0]
-    zero = xp.zeros((1,), dtype=xp.int32)
-    before = xp.concatenate([zero, xp.cumsum(own, dtype=xp.int32)])  # before[i]
+    bits = wide.limb_bits(c)
+    zero = wide.split(xp.zeros((1,), dtype=xp.int32), bits, xp)
+    # Both running sums in one (own forward, more backward).
+    sums = wide.cumsum(xp.stack([own, more[::-1]]), bits, xp)
+    before = wide.concatenate([zero, wide.Wide(sums.hi[0], sums.lo[0])], xp)
     # after[i] = more[i + 1] + ... + more[c - 1], for i = 1 .. c - 1.
-    after = xp.cumsum(more[::-1], dtype=xp.int32)[::-1]
-    after = xp.concatenate([after[2:], zero])[: c - 1]
-    early_prices = before[: c - 1] + merged_cost + after
+    after = wide.Wide(sums.hi[1, ::-1], sums.lo[1, ::-1])
+    after = wide.concatenate([wide.take(after, slice(2, None)), zero], xp)
+    early, early_slot = None, xp.int32(-1)
     if c > 1:
-        best = xp.argmin(early_prices).astype(xp.int32)
-        early = early_prices[best]
-        early_slot = order[best]
-    else:
-        early = xp.int32(INT32_MAX)
-        early_slot = xp.int32(-1)
+        early_prices = wide.add(
+            wide.take(before, slice(None, c - 1)),
+            wide.split(merged_cost, bits, xp),
+            bits,
+            xp,
+        )
+        early_prices = wide.add(
+            early_prices, wide.take(after, slice(None, c - 1)), bits, xp
+        )
+        best = wide.argmin(early_prices, bits, xp)
+        early, early_slot = wide.take(early_prices, best), order[best]
+    return _relative_plan(
+        bounds,
+        order,
+        wide.take(before, c),
+        early,
+        early_slot,
+        wide.take(before, c - 1),
+        cap,
+        xp,
+    )
+
+
+def _relative_plan(bounds, order, keep, early, early_slot, late, cap: int, xp):
+    """The `OnlinePlan` from the exact constant parts of the three prices (`Wide`
+    sums; `early` is None for one slot): each is stored as its excess over the
+    least of them, clamped to `cap + 1` (`wide.relative`), which keeps the rule's
+    decisions and fits in int32 with the growing stretch's cost added."""
+    c = order.shape[0]
+    bits = wide.limb_bits(c)
+    base = wide.minimum(keep, late, xp)
+    if early is not None:
+        base = wide.minimum(base, early, xp)
     return OnlinePlan(
         order=order,
-        keep=before[c],
-        early=xp.asarray(early, dtype=xp.int32),
+        keep=wide.relative(keep, base, cap, bits, xp),
+        early=(
+            xp.int32(INT32_MAX)
+            if early is None
+            else wide.relative(early, base, cap, bits, xp)
+        ),
         early_slot=xp.asarray(early_slot, dtype=xp.int32),
-        late=before[c - 1],
+        late=wide.relative(late, base, cap, bits, xp),
         late_slot=order[c - 1],
         last=bounds[c],
         second_last=bounds[c - 1],
@@ -451,7 +507,7 @@ def online_decide(plan: OnlinePlan, step, xp):
     """`_greedy_slot` from an `OnlinePlan`: the slot to overwrite with `x_step`, or -1,
     for an array of steps after `plan.last`. $O(1)$ per step."""
     c = plan.order.shape[0]
-    cap = INT32_MAX // (2 * c + 4)
+    cap = wide.rule_cap(c)
     step = xp.asarray(step, dtype=xp.int32)
     keep = plan.keep + _cost_no_slot(step + 1 - plan.last, cap, xp)
     # One slot: there is no early option (`late` is at most the cap, so it wins).
@@ -482,9 +538,10 @@ def _cost_one_slot(length, cap: int, xp):
 
     With one free slot the repetition number $r$ is the smallest with $\beta(2, r) =
     (r + 1)(r + 2) / 2 \geq$ `length`, and the cost is $r \, l - \beta(3, r - 1)$,
-    where $\beta(3, r - 1) = h (r + 2) / 3$ with $h = r (r + 1) / 2 < l$. Unless $r l$
-    exceeds the cap (then the cost is the cap), $h (r + 2) < 3 r l \leq 3 \cdot$ `cap`
-    fits in int32 (`cap` is at most `(2**31 - 1) // 6`)."""
+    where $\beta(3, r - 1) = h (r + 2) / 3$ with $h = r (r + 1) / 2 < l$. Three
+    divides $r + 2$ or else $h$, and is divided out first: unless $r l$ exceeds the
+    cap (then the cost is the cap), the product is $\beta(3, r - 1) \leq r l \leq$
+    `cap` and fits in int32."""
     length = xp.asarray(length, dtype=xp.int32)
     cap32 = xp.int32(cap)
     # A float estimate of r, then the exact count over a window of five around it.
@@ -501,7 +558,9 @@ def _cost_one_slot(length, cap: int, xp):
     h = xp.where(
         r_safe % 2 == 0, r_safe // 2 * (r_safe + 1), (r_safe + 1) // 2 * r_safe
     )
-    cost = xp.where(over, cap32, r_safe * length - h * (r_safe + 2) // 3)
+    thirds = (r_safe + 2) % 3 == 0
+    beta3 = xp.where(thirds, h * ((r_safe + 2) // 3), h // 3 * (r_safe + 2))
+    cost = xp.where(over, cap32, r_safe * length - beta3)
     return xp.where(length <= 1, 0, xp.minimum(cost, cap32)).astype(xp.int32)
 
 
