@@ -33,7 +33,13 @@ from loopax._schedule import (
     suggest_checkpoints as loopax_suggest,
     wide,
 )
-from loopax._schedule.counts import _Prices, _rule_cost, _store, online_table
+from loopax._schedule.counts import (
+    _capped_costs,
+    _Prices,
+    _rule_cost,
+    _store,
+    online_table,
+)
 from loopax._schedule.offline import (
     INT32_MAX,
     _repetition_number,
@@ -761,6 +767,21 @@ def test_online_positions_jumps_are_exact(checkpoints, num_steps, cuts):
         online_positions.__globals__["_ONLINE"].clear()
         want = tuple(sorted(p for p in pos if p >= 0))
         assert online_positions(end, checkpoints) == want, (checkpoints, end)
+
+
+def test_closed_form_costs_of_short_stretches():
+    """The fast-forward prices stretches of repetition number 1 and 2 in closed
+    form (`_capped_costs`): equal to the general cost everywhere around the
+    boundaries of both, and around the cap."""
+    pairs = []
+    for s in (1, 2, 3, 7, 40, 1000, 40_000):
+        two = (s + 2) * (s + 3) // 2
+        for length in {0, 1, 2, s + 1, s + 2, s + 3, two - 1, two, two + 1, 2 * two}:
+            pairs.append((length, s))
+    for cap in (rule_cap(1), rule_cap(10**6), 1000):
+        lengths, free = zip(*pairs, strict=True)
+        want = [_rule_cost(length, s, cap) for length, s in pairs]
+        assert _capped_costs(lengths, free, cap) == want, cap
 
 
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 64, 1000])

@@ -205,13 +205,17 @@ def _cost_one_slot(length: int, cap: int) -> int:
 
 def _capped_costs(lengths, free, cap: int) -> list[int]:
     """`revolve_cost_capped` for each pair, exactly as the rule computes them, on
-    Python ints. A stretch of `l` steps with `s >= max(l - 2, 1)` free slots costs
-    `l - 1` (repetition number 1; `cap` past it), with no table lookup: with many
-    slots most stretches are so. The others repeat (the same few lengths come back
+    Python ints. With `s >= 1` free slots a stretch of `l <= s + 2` steps costs
+    `l - 1` (repetition number 1) and one of `l <= (s + 2) (s + 3) / 2` costs `2 l
+    - s - 3` (2), or `cap` past it, with no table lookup: with many slots most
+    stretches and merges are so (40 000 slots: every merge of two stretches
+    is of repetition number 2). The others repeat (the same few lengths come back
     with the same free slots, store after store), so their costs are memoized."""
     return [
         (0 if lo <= 1 else lo - 1 if lo <= cap else cap)
         if 1 <= s and lo <= s + 2
+        else (2 * lo - s - 3 if 2 * lo <= cap else cap)
+        if 1 <= s and 2 * lo <= (s + 2) * (s + 3)
         else _memo_rule_cost(lo, s, cap)
         for lo, s in zip(lengths, free, strict=True)
     ]
@@ -744,10 +748,13 @@ class _Prices:
         low = lows[m0 - 1] if m0 >= 1 else None
         for m in range(m0, c - 1):
             x = lengths[m] + lengths[m + 1]
+            s = c - m
             merged[m] = (
                 (x - 1 if x <= cap else cap)
-                if x <= c - m + 2
-                else _memo_rule_cost(x, c - m, cap)
+                if x <= s + 2
+                else (2 * x - s - 3 if 2 * x <= cap else cap)
+                if 2 * x <= (s + 2) * (s + 3)
+                else _memo_rule_cost(x, s, cap)
             )
             v = value[m] = before[m] + merged[m] - paid[m + 2]
             if low is None or v < low[0]:
