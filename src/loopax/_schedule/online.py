@@ -94,7 +94,7 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     (`2**30 - 1` up to 32 765 slots) and the prices are summed exactly, in two int32
     limbs (`wide.py`), since they pass `2**31` on long loops. Once the first
     stretch's cost reaches the cap anyway (two slots: past 4.2·10**6 steps; eight:
-    past ~10**8; 64: near 10**9), replacing $b_1$ is always cheapest: every later
+    by 10**8; up to 256: by 10**9), replacing $b_1$ is always cheapest: every later
     step is stored, and the slots hold the last `checkpoints` steps. Still valid,
     but those stores are wasted: about `n` more evaluations than the offline
     optimum, +0.5 on the recompute factor (10**9 steps, 64 slots: 4.42 against
