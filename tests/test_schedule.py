@@ -818,6 +818,42 @@ def test_incremental_prices_match_the_sums(checkpoints):
         ]
         assert prices.best_inner() == min(inner)
         assert prices.best_option() == inner.index(min(inner)) + 1
+        # Every running sum and first minimum, as `_cycle_jump` and `_Period` read
+        # them: `value[m]` is `inner[m]` less the common `P_c`.
+        paid = prices.paid[c]
+        assert prices.value == [x - paid for x in inner]
+        firsts = [min(range(m + 1), key=inner.__getitem__) for m in range(c - 1)]
+        assert prices.low == [(inner[f] - paid, f) for f in firsts]
+
+
+@pytest.mark.parametrize("checkpoints", [300, 1000])
+def test_incremental_prices_in_numpy(monkeypatch, checkpoints):
+    """Long tails are repriced in NumPy (`_update_numpy`): after the same stores
+    and growths, every list of `_Prices` equals the list path's, element by
+    element (the first minimum's index included), from short tails to all."""
+    c = checkpoints
+    cap = rule_cap(c)
+    rng = np.random.default_rng(c)
+    lengths = rng.integers(1, 3 * c, c).tolist()
+    lengths[:3] = [10**6, 5 * 10**7, 2**29]  # General and capped costs too.
+    both = []
+    for tail in (c + 1, 2):  # The list path, then NumPy for every tail over 2.
+        monkeypatch.setattr(counts_module, "_NUMPY_TAIL", tail)
+        rng = np.random.default_rng(c)
+        state = list(lengths)
+        prices = _Prices(state, c, cap)
+        snapshots = []
+        for _ in range(30):
+            if rng.random() < 0.5:
+                _store(prices, int(rng.integers(1, c + 1)), 0, int(rng.integers(1, 99)))
+            else:
+                p = int(rng.integers(0, c))
+                state[p] += int(rng.choice([1, 7, 10**5]))
+                prices.update(p)
+            names = ("own", "more", "merged", "before", "paid", "value", "low")
+            snapshots.append([list(getattr(prices, n)) for n in names])
+        both.append(snapshots)
+    assert both[0] == both[1]
 
 
 def _count_periods(monkeypatch):
