@@ -309,7 +309,7 @@ def _head_plan(bounds, order, cap: int, xp, *, h: int) -> OnlinePlan:
     tail_price = wide.add(
         keep, wide.split(1, bits, xp), bits, xp
     )  # b_{h + 1}, any later
-    use_tail = wide.less(tail_price, wide.take(prices, best), xp)
+    use_tail = wide.less(tail_price, wide.take(prices, best), bits, xp)
     early = wide.where(use_tail, tail_price, wide.take(prices, best), xp)
     last_cost = wide.split(bounds[c] - bounds[c - 1] - 1, bits, xp)
     return _relative_plan(
@@ -390,12 +390,13 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
         value = sub(
             add(before, wide.split(merged, bits, jnp)), add(more_sum, more_through)
         )
+        value = wide.normalize(value, bits, jnp)
         value = wide.Wide(
             jnp.where(stretch[:-1] <= c - 2, value.hi, INT32_MAX), value.lo
         )
         w = wide.argmin(value, bits, jnp)
         value = wide.take(value, w)
-        better = wide.less(value, best, jnp)
+        better = wide.less(value, best, bits, jnp)
         # The stretches of the chunk before the last one (c - 1).
         early_stretches = jnp.clip(c - 1 - start, 0, chunk)
         early_own = wide.take(own_through, jnp.maximum(early_stretches - 1, 0))
@@ -432,7 +433,7 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
     # Replacing b_{m+1}, m >= priced: one step more than keeping, the first one best.
     keep_plus_one = add(keep, wide.split(jnp.int32(1), bits, jnp))
     use_tail = (priced <= c - 2) & (
-        (best_merge < 0) | wide.less(keep_plus_one, general, jnp)
+        (best_merge < 0) | wide.less(keep_plus_one, general, bits, jnp)
     )
     early = wide.where(use_tail, keep_plus_one, general, jnp)
     early_slot = order[jnp.where(use_tail, jnp.minimum(priced, c - 1), best_merge)]
@@ -484,9 +485,9 @@ def _relative_plan(bounds, order, keep, early, early_slot, late, cap: int, xp):
     decisions and fits in int32 with the growing stretch's cost added."""
     c = order.shape[0]
     bits = wide.limb_bits(c)
-    base = wide.minimum(keep, late, xp)
+    base = wide.minimum(keep, late, bits, xp)
     if early is not None:
-        base = wide.minimum(base, early, xp)
+        base = wide.minimum(base, early, bits, xp)
     return OnlinePlan(
         order=order,
         keep=wide.relative(keep, base, cap, bits, xp),

@@ -60,6 +60,12 @@ def _normalize(hi, lo, bits: int, xp) -> Wide:
     )
 
 
+def normalize(a: Wide, bits: int, xp) -> Wide:
+    """`a` with `0 <= lo < 2**bits`. `add` and `sub` leave it to the comparisons
+    (fewer operations to compile: each limb has room for a few carries)."""
+    return _normalize(a.hi, a.lo, bits, xp)
+
+
 def split(x, bits: int, xp) -> Wide:
     """An int32 array as a `Wide`."""
     x = xp.asarray(x, dtype=xp.int32)
@@ -67,11 +73,11 @@ def split(x, bits: int, xp) -> Wide:
 
 
 def add(a: Wide, b: Wide, bits: int, xp) -> Wide:
-    return _normalize(a.hi + b.hi, a.lo + b.lo, bits, xp)
+    return Wide(a.hi + b.hi, a.lo + b.lo)
 
 
 def sub(a: Wide, b: Wide, bits: int, xp) -> Wide:
-    return _normalize(a.hi - b.hi, a.lo - b.lo, bits, xp)
+    return Wide(a.hi - b.hi, a.lo - b.lo)
 
 
 def cumsum(costs, bits: int, xp, *, reverse: bool = False) -> Wide:
@@ -103,11 +109,13 @@ def concatenate(parts: list[Wide], xp) -> Wide:
 def argmin(a: Wide, bits: int, xp):
     """The index of the first minimum along the last axis. Compiled, one reduction
     over (hi, lo, index), as `jnp.argmin` is one over (value, index)."""
+    a = _normalize(*a, bits, xp)
     if xp is np:
         low = np.min(a.hi, axis=-1, keepdims=True)
         return np.argmin(np.where(a.hi == low, a.lo, 1 << bits), axis=-1).astype(
             np.int32
         )
+    a = _normalize(*a, bits, xp)
     axis = a.hi.ndim - 1
     index = lax.broadcasted_iota(np.int32, a.hi.shape, axis)
 
@@ -121,16 +129,17 @@ def argmin(a: Wide, bits: int, xp):
     return lax.reduce((a.hi, a.lo, index), (none, none, none), first_least, (axis,))[2]
 
 
-def less(a: Wide, b: Wide, xp):
-    return (a.hi < b.hi) | ((a.hi == b.hi) & (a.lo < b.lo))
+def less(a: Wide, b: Wide, bits: int, xp):
+    """`a < b`: the difference, normalized, has a negative high limb."""
+    return _normalize(a.hi - b.hi, a.lo - b.lo, bits, xp).hi < 0
 
 
 def where(pred, a: Wide, b: Wide, xp) -> Wide:
     return Wide(xp.where(pred, a.hi, b.hi), xp.where(pred, a.lo, b.lo))
 
 
-def minimum(a: Wide, b: Wide, xp) -> Wide:
-    return where(~less(b, a, xp), a, b, xp)
+def minimum(a: Wide, b: Wide, bits: int, xp) -> Wide:
+    return where(~less(b, a, bits, xp), a, b, xp)
 
 
 def relative(a: Wide, base: Wide, cap: int, bits: int, xp):
@@ -141,7 +150,7 @@ def relative(a: Wide, base: Wide, cap: int, bits: int, xp):
     whose constant part exceeds the base by more than `cap` loses to the base option
     whatever the terms added, before and after the clamp.
     """
-    d = sub(a, base, bits, xp)
+    d = _normalize(a.hi - base.hi, a.lo - base.lo, bits, xp)
     limit = 1 << (30 - bits)  # d.hi below it: d.hi * 2**bits + d.lo < 2**30
     exact = (xp.minimum(d.hi, limit - 1) << bits) + d.lo
     return xp.where(d.hi >= limit, cap + 1, xp.minimum(exact, cap + 1)).astype(xp.int32)
