@@ -561,7 +561,7 @@ def test_wide_sums_are_exact(checkpoints):
             backward = wide.cumsum(xp.asarray(costs), bits, xp, reverse=True)
             assert (value(backward) == exact[-1] - exact + costs).all()
             # Prices with ties (total + cost): the first minimum, as the rule takes.
-            prices = wide.add(forward, backward, bits, xp)
+            prices = wide.add(forward, backward)
             want = [int(exact[-1]) + int(x) for x in costs]
             assert int(wide.argmin(prices, bits, xp)) == want.index(min(want))
             base = wide.take(forward, 0)

@@ -161,14 +161,14 @@ def _greedy_slot(pos, step, xp):
     last_if_kept = wide.split(costs[..., 3 * c + 2 :], bits, xp)
     # Keep: stretches 0 .. c - 1 as they are, then [b_c, step + 1) with no free slot.
     own_sums = wide.cumsum(keep_free[..., :c], bits, xp)
-    keep = wide.add(wide.take(own_sums, slice(c - 1, c)), last_if_kept, bits, xp)
+    keep = wide.add(wide.take(own_sums, slice(c - 1, c)), last_if_kept)
     # Replace b_i (i = 1 .. c): stretches before i - 1 unchanged, stretches i - 1 and i
     # merged, the later ones with one more free slot, and [step, step + 1) for free.
     zero = wide.split(xp.zeros(batch + (1,), dtype=xp.int32), bits, xp)
     before = wide.concatenate([zero, wide.take(own_sums, slice(None, c - 1))], xp)
     after = wide.cumsum(one_more, bits, xp, reverse=True)
     after = wide.concatenate([wide.take(after, slice(2, None)), zero], xp)
-    replace = wide.add(wide.add(before, merged_cost, bits, xp), after, bits, xp)
+    replace = wide.add(before, merged_cost, after)
     best = wide.argmin(wide.concatenate([keep, replace], xp), bits, xp)
     return xp.where(best == 0, -1, order[xp.maximum(best - 1, 0)]).astype(xp.int32)
 
@@ -300,15 +300,11 @@ def _head_plan(bounds, order, cap: int, xp, *, h: int) -> OnlinePlan:
         xp.concatenate([more, first_tail[None]]), bits, xp, reverse=True
     )
     after = wide.concatenate([wide.take(more_after, slice(2, None)), zero], xp)
-    after = wide.add(after, wide.split(tail - first_tail, bits, xp), bits, xp)
-    prices = wide.add(
-        wide.add(before, wide.split(merged_cost, bits, xp), bits, xp), after, bits, xp
-    )
+    after = wide.add(after, wide.split(tail - first_tail, bits, xp))
+    prices = wide.add(before, wide.split(merged_cost, bits, xp), after)
     best = wide.argmin(prices, bits, xp)
-    keep = wide.add(head, wide.split(tail, bits, xp), bits, xp)
-    tail_price = wide.add(
-        keep, wide.split(1, bits, xp), bits, xp
-    )  # b_{h + 1}, any later
+    keep = wide.add(head, wide.split(tail, bits, xp))
+    tail_price = wide.add(keep, wide.split(1, bits, xp))  # b_{h + 1}, any later
     use_tail = wide.less(tail_price, wide.take(prices, best), bits, xp)
     early = wide.where(use_tail, tail_price, wide.take(prices, best), xp)
     last_cost = wide.split(bounds[c] - bounds[c - 1] - 1, bits, xp)
@@ -318,7 +314,7 @@ def _head_plan(bounds, order, cap: int, xp, *, h: int) -> OnlinePlan:
         keep,
         early,
         order[xp.where(use_tail, h, best)],
-        wide.sub(keep, last_cost, bits, xp),
+        wide.sub(keep, last_cost),
         cap,
         xp,
     )
@@ -361,12 +357,6 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
     extent = _hard_extent(bounds[: c + 1], c, jnp)
     zero = wide.split(jnp.int32(0), bits, jnp)
 
-    def add(a, b):
-        return wide.add(a, b, bits, jnp)
-
-    def sub(a, b):
-        return wide.sub(a, b, bits, jnp)
-
     def price_chunk(index, carry):
         own_sum, late_sum, more_sum, best, best_merge = carry
         start = index * chunk
@@ -386,9 +376,12 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
         sums = wide.cumsum(jnp.stack([costs[: chunk + 1], more]), bits, jnp)
         own_through = wide.Wide(sums.hi[0, :chunk], sums.lo[0, :chunk])
         more_through = wide.Wide(sums.hi[1, 1:], sums.lo[1, 1:])
-        before = sub(add(own_sum, own_through), wide.split(own, bits, jnp))  # B_m
-        value = sub(
-            add(before, wide.split(merged, bits, jnp)), add(more_sum, more_through)
+        before = wide.sub(
+            wide.add(own_sum, own_through), wide.split(own, bits, jnp)
+        )  # B_m
+        value = wide.sub(
+            wide.add(before, wide.split(merged, bits, jnp)),
+            wide.add(more_sum, more_through),
         )
         value = wide.normalize(value, bits, jnp)
         value = wide.Wide(
@@ -404,9 +397,9 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
             *(jnp.where(early_stretches > 0, x, 0) for x in early_own)
         )
         return (
-            add(own_sum, wide.take(own_through, chunk - 1)),
-            add(late_sum, early_own),
-            add(more_sum, wide.take(more_through, chunk - 2)),
+            wide.add(own_sum, wide.take(own_through, chunk - 1)),
+            wide.add(late_sum, early_own),
+            wide.add(more_sum, wide.take(more_through, chunk - 2)),
             wide.where(better, value, best, jnp),
             jnp.where(better, start + w, best_merge),
         )
@@ -423,15 +416,15 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
     trivial_sum = wide.split(
         bounds[c] - bounds[first_trivial] - (c - first_trivial), bits, jnp
     )
-    keep = add(own_sum, trivial_sum)
+    keep = wide.add(own_sum, trivial_sum)
     last_is_trivial = priced <= c - 1
     last_cost = jnp.where(last_is_trivial, bounds[c] - bounds[c - 1] - 1, 0)
-    late = sub(add(late_sum, trivial_sum), wide.split(last_cost, bits, jnp))
+    late = wide.sub(wide.add(late_sum, trivial_sum), wide.split(last_cost, bits, jnp))
     # `best` stays unset only if no chunk was priced: then the tail is taken.
     best = wide.where(best_merge < 0, zero, best, jnp)
-    general = add(add(best, more_sum), trivial_sum)
+    general = wide.add(best, more_sum, trivial_sum)
     # Replacing b_{m+1}, m >= priced: one step more than keeping, the first one best.
-    keep_plus_one = add(keep, wide.split(jnp.int32(1), bits, jnp))
+    keep_plus_one = wide.add(keep, wide.split(jnp.int32(1), bits, jnp))
     use_tail = (priced <= c - 2) & (
         (best_merge < 0) | wide.less(keep_plus_one, general, bits, jnp)
     )
@@ -458,11 +451,7 @@ def _plan_from_costs(bounds, order, own, more, merged_cost, cap: int, xp) -> Onl
         early_prices = wide.add(
             wide.take(before, slice(None, c - 1)),
             wide.split(merged_cost, bits, xp),
-            bits,
-            xp,
-        )
-        early_prices = wide.add(
-            early_prices, wide.take(after, slice(None, c - 1)), bits, xp
+            wide.take(after, slice(None, c - 1)),
         )
         best = wide.argmin(early_prices, bits, xp)
         early, early_slot = wide.take(early_prices, best), order[best]

@@ -46,7 +46,9 @@ def rule_cap(checkpoints: int) -> int:
 
 
 class Wide(NamedTuple):
-    """A sum `hi * 2**bits + lo`, `0 <= lo < 2**bits`, as two int32 arrays."""
+    """A sum `hi * 2**bits + lo` as two int32 arrays; normalized when `0 <= lo <
+    2**bits` (`add` and `sub` leave that to the comparisons: fewer operations to
+    compile)."""
 
     hi: Any
     lo: Any
@@ -61,8 +63,7 @@ def _normalize(hi, lo, bits: int, xp) -> Wide:
 
 
 def normalize(a: Wide, bits: int, xp) -> Wide:
-    """`a` with `0 <= lo < 2**bits`. `add` and `sub` leave it to the comparisons
-    (fewer operations to compile: each limb has room for a few carries)."""
+    """`a` with `0 <= lo < 2**bits`."""
     return _normalize(a.hi, a.lo, bits, xp)
 
 
@@ -72,11 +73,16 @@ def split(x, bits: int, xp) -> Wide:
     return _normalize(xp.zeros_like(x), x, bits, xp)
 
 
-def add(a: Wide, b: Wide, bits: int, xp) -> Wide:
-    return Wide(a.hi + b.hi, a.lo + b.lo)
+def add(first: Wide, *rest: Wide) -> Wide:
+    """The sum, not normalized (each limb has room for a few carries)."""
+    hi, lo = first
+    for part in rest:
+        hi, lo = hi + part.hi, lo + part.lo
+    return Wide(hi, lo)
 
 
-def sub(a: Wide, b: Wide, bits: int, xp) -> Wide:
+def sub(a: Wide, b: Wide) -> Wide:
+    """The difference, not normalized."""
     return Wide(a.hi - b.hi, a.lo - b.lo)
 
 
@@ -115,7 +121,6 @@ def argmin(a: Wide, bits: int, xp):
         return np.argmin(np.where(a.hi == low, a.lo, 1 << bits), axis=-1).astype(
             np.int32
         )
-    a = _normalize(*a, bits, xp)
     axis = a.hi.ndim - 1
     index = lax.broadcasted_iota(np.int32, a.hi.shape, axis)
 
