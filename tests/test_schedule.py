@@ -564,6 +564,14 @@ def test_wide_sums_are_exact(checkpoints):
             prices = wide.add(forward, backward)
             want = [int(exact[-1]) + int(x) for x in costs]
             assert int(wide.argmin(prices, bits, xp)) == want.index(min(want))
+            # Comparisons, also of a negative sum against the unset sentinel.
+            sentinel = wide.Wide(xp.int32(INT32_MAX), xp.int32(0))
+            negative = wide.sub(wide.take(forward, 0), wide.take(forward, -1))
+            assert bool(wide.less(negative, sentinel, bits, xp))
+            assert not bool(wide.less(sentinel, negative, bits, xp))
+            assert bool(
+                wide.less(wide.take(forward, 0), wide.take(forward, -1), bits, xp)
+            )
             base = wide.take(forward, 0)
             got = wide.relative(forward, base, cap, bits, xp)
             clamped = np.minimum(exact - exact[0], cap + 1)

@@ -393,9 +393,7 @@ def _chunked_plan(bounds, order, cap: int, chunk: int) -> OnlinePlan:
         # The stretches of the chunk before the last one (c - 1).
         early_stretches = jnp.clip(c - 1 - start, 0, chunk)
         early_own = wide.take(own_through, jnp.maximum(early_stretches - 1, 0))
-        early_own = wide.Wide(
-            *(jnp.where(early_stretches > 0, x, 0) for x in early_own)
-        )
+        early_own = wide.where(early_stretches > 0, early_own, zero, jnp)
         return (
             wide.add(own_sum, wide.take(own_through, chunk - 1)),
             wide.add(late_sum, early_own),

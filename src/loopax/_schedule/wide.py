@@ -135,8 +135,10 @@ def argmin(a: Wide, bits: int, xp):
 
 
 def less(a: Wide, b: Wide, bits: int, xp):
-    """`a < b`: the difference, normalized, has a negative high limb."""
-    return _normalize(a.hi - b.hi, a.lo - b.lo, bits, xp).hi < 0
+    """`a < b`, limb by limb once both are normalized (no difference is taken: `b`
+    may be a sentinel with `hi = 2**31 - 1`)."""
+    a, b = _normalize(*a, bits, xp), _normalize(*b, bits, xp)
+    return (a.hi < b.hi) | ((a.hi == b.hi) & (a.lo < b.lo))
 
 
 def where(pred, a: Wide, b: Wide, xp) -> Wide:
