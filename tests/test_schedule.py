@@ -543,7 +543,7 @@ def test_wide_sums_are_exact(checkpoints):
     excess over a base, with costs up to the cap and sums far past `2**31`."""
     c = checkpoints
     cap, bits = rule_cap(c), wide.limb_bits(c)
-    assert cap < 2**30 and (2 * c + 4) * (cap >> bits) <= INT32_MAX
+    assert cap < INT32_MAX and (2 * c + 4) * (cap >> bits) <= INT32_MAX
     assert (2 * c + 4) * ((1 << bits) - 1) <= INT32_MAX
     rng = np.random.default_rng(c)
     size = min(2 * c + 4, 3000)
@@ -600,7 +600,7 @@ def _exact_option(bounds, step, cap):
 @pytest.mark.parametrize("checkpoints", [1, 2, 3, 8, 40, 150])
 def test_rule_prices_past_int32(monkeypatch, checkpoints):
     """On long loops the rule's prices pass `2**31` (each cost is capped only at
-    `rule_cap`, about 2**30): from slot positions spread up to `2**31`, the rule
+    `rule_cap`, about 2**31): from slot positions spread up to `2**31`, the rule
     priced from scratch (`_greedy_slot`, eagerly and compiled) and its plans
     (eagerly with heads, compiled in chunks and in full) decide as the exact
     prices on Python ints do. Until session 9 each cost was capped at `2**31 //
@@ -1037,14 +1037,14 @@ def test_counts_match_replay(checkpoints, known_length):
 
 def test_counts_match_replay_long():
     """Longer loops, and the rule's saturation: each of its costs is capped below
-    2**30, and past about 859k steps with one slot (4.22M with two) it stores at
+    2**31, and past about 1.36M steps with one slot (7.02M with two) it stores at
     every step, which `online_positions` jumps over. Around those points the real
     rule is stepped from the fast-forward's state and compared at every step."""
     online_positions.__globals__["_ONLINE"].clear()
     for n, c in [(3000, 2), (20_000, 40)]:
         plan = schedule(n, c)
         assert (plan.num_recomputed, plan.peak_slots_used) == replay_counts(plan)
-    for c, saturation in [(1, 859_250), (2, 4_220_779)]:
+    for c, saturation in [(1, 1_356_751), (2, 7_021_907)]:
         start = saturation - 600
         pos = np.array(online_positions(start, c), dtype=np.int32)
         state = OnlineState(pos)

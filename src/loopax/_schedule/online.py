@@ -91,7 +91,7 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     `forward_slots` make the same decisions from an `OnlinePlan`, rebuilt per store
     (usually from a few dozen revolve costs, whatever `c`: see `online_plan`), and
     $O(1)$ per step. Each revolve cost in a price is capped at `wide.rule_cap(c)`
-    (`2**30 - 1` up to 32 765 slots) and the prices are summed exactly, in two int32
+    (`2**31 - 2` up to 16 381 slots) and the prices are summed exactly, in two int32
     limbs (`wide.py`), since they pass `2**31` on long loops. Once the first
     stretch's cost reaches the cap anyway (two slots: past 4.2·10**6 steps; eight:
     by 10**8; up to 256: by 10**9), replacing $b_1$ is always cheapest: every later
@@ -497,14 +497,18 @@ def online_decide(plan: OnlinePlan, step, xp):
     c = plan.order.shape[0]
     cap = wide.rule_cap(c)
     step = xp.asarray(step, dtype=xp.int32)
-    keep = plan.keep + _cost_no_slot(step + 1 - plan.last, cap, xp)
-    # One slot: there is no early option (`late` is at most the cap, so it wins).
+
+    def add(constant, cost):  # Saturating at INT32_MAX (see `wide.relative`).
+        return constant + xp.minimum(cost, INT32_MAX - constant)
+
+    keep = add(plan.keep, _cost_no_slot(step + 1 - plan.last, cap, xp))
+    # One slot: there is no early option (on a tie with `late`, nothing is stored).
     early = (
-        plan.early + _cost_one_slot(step - plan.last, cap, xp)
+        add(plan.early, _cost_one_slot(step - plan.last, cap, xp))
         if c > 1
         else xp.full_like(keep, INT32_MAX)
     )
-    late = plan.late + _cost_one_slot(step - plan.second_last, cap, xp)
+    late = add(plan.late, _cost_one_slot(step - plan.second_last, cap, xp))
     slot = xp.where(early <= late, plan.early_slot, plan.late_slot)
     return xp.where(xp.minimum(early, late) < keep, slot, -1).astype(xp.int32)
 

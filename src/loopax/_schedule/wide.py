@@ -22,9 +22,10 @@ from jax import lax
 from .offline import INT32_MAX
 
 
-# Each term stays below 2**30, so a difference of two prices clamped to `cap + 1`
-# plus one more term still fits in int32 (`relative`).
-_TERM_LIMIT = 2**30 - 1
+# The largest cap: a difference of two prices clamped to `cap + 1` (`relative`) is
+# then at most `2**31 - 1`, and the compiled rule adds one more term to it with
+# saturation (`online.online_decide`).
+_TERM_LIMIT = INT32_MAX - 1
 
 
 def _terms(checkpoints: int) -> int:
@@ -39,8 +40,8 @@ def limb_bits(checkpoints: int) -> int:
 
 
 def rule_cap(checkpoints: int) -> int:
-    """The cap on each revolve cost the online rule adds up: `2**30 - 1` up to
-    32 765 slots; past that, low enough that the sum of the high limbs fits too."""
+    """The cap on each revolve cost the online rule adds up: `2**31 - 2` up to
+    16 381 slots; past that, low enough that the sum of the high limbs fits too."""
     high = INT32_MAX // _terms(checkpoints)
     return min(_TERM_LIMIT, high << limb_bits(checkpoints))
 
@@ -152,12 +153,13 @@ def minimum(a: Wide, b: Wide, bits: int, xp) -> Wide:
 def relative(a: Wide, base: Wide, cap: int, bits: int, xp):
     """`min(a - base, cap + 1)` as int32, for `a >= base`.
 
-    Adding one more term `<= cap` then keeps every comparison between options the
-    exact sums would make, if `base` is the least of their constant parts: an option
-    whose constant part exceeds the base by more than `cap` loses to the base option
-    whatever the terms added, before and after the clamp.
+    Adding one more term `<= cap` to each option, saturating at `2**31 - 1`, then
+    keeps every decision the exact sums would make, if `base` is the least of
+    their constant parts: the base option's total is at most `cap < 2**31 - 1`, so
+    the cheapest option is never clamped nor saturated, and an option that is
+    loses to the base option, before and after.
     """
     d = _normalize(a.hi - base.hi, a.lo - base.lo, bits, xp)
-    limit = 1 << (30 - bits)  # d.hi below it: d.hi * 2**bits + d.lo < 2**30
+    limit = 1 << (31 - bits)  # d.hi below it: d.hi * 2**bits + d.lo < 2**31
     exact = (xp.minimum(d.hi, limit - 1) << bits) + d.lo
     return xp.where(d.hi >= limit, cap + 1, xp.minimum(exact, cap + 1)).astype(xp.int32)
