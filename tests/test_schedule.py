@@ -1091,7 +1091,10 @@ def test_planning_does_not_enumerate(monkeypatch):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 2**20, peak  # Not O(n): the replay held ~100 bytes per step.
+    # Not O(n): the replay held ~100 bytes per step. The fast-forward's bounded
+    # caches (`first_store`, the cost memo) take ~1.4 MB here (0.5-0.9 MB for
+    # `schedule(n, 1)` alone at n = 10**7 .. 10**9).
+    assert peak < 4 * 2**20, peak
 
 
 def test_schedule_is_pure():

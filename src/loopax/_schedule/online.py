@@ -469,22 +469,22 @@ def _relative_plan(bounds, order, keep, early, early_slot, late, cap: int, xp):
     """The `OnlinePlan` from the exact constant parts of the three prices (`Wide`
     sums; `early` is None for one slot): each is stored as its excess over the
     least of them, clamped to `cap + 1` (`wide.relative`), which keeps the rule's
-    decisions and fits in int32 with the growing stretch's cost added."""
+    decisions and fits in int32 with the growing stretch's cost added. The three
+    are stacked, so that XLA computes them once (as scalars, each consumer got its
+    own copy of the chain: the compiled plan's HLO 1.3x as long)."""
     c = order.shape[0]
     bits = wide.limb_bits(c)
-    base = wide.minimum(keep, late, bits, xp)
-    if early is not None:
-        base = wide.minimum(base, early, bits, xp)
+    parts = [keep, late] if early is None else [keep, late, early]
+    stacked = wide.Wide(*(xp.stack(limbs) for limbs in zip(*parts, strict=True)))
+    stacked = wide.normalize(stacked, bits, xp)
+    base = wide.take(stacked, wide.argmin(stacked, bits, xp))
+    excess = wide.relative(stacked, base, cap, bits, xp)
     return OnlinePlan(
         order=order,
-        keep=wide.relative(keep, base, cap, bits, xp),
-        early=(
-            xp.int32(INT32_MAX)
-            if early is None
-            else wide.relative(early, base, cap, bits, xp)
-        ),
+        keep=excess[0],
+        early=xp.int32(INT32_MAX) if early is None else excess[2],
         early_slot=xp.asarray(early_slot, dtype=xp.int32),
-        late=wide.relative(late, base, cap, bits, xp),
+        late=excess[1],
         late_slot=order[c - 1],
         last=bounds[c],
         second_last=bounds[c - 1],
