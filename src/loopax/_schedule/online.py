@@ -93,14 +93,15 @@ def online_step(state: OnlineState, step: Any, xp: Any) -> tuple[Any, OnlineStat
     $O(1)$ per step. Each revolve cost in a price is capped at `wide.rule_cap(c)`
     (`2**31 - 2` up to 16 381 slots) and the prices are summed exactly, in two int32
     limbs (`wide.py`), since they pass `2**31` on long loops. Once the first
-    stretch's cost reaches the cap anyway (two slots: past 4.2·10**6 steps; eight:
-    by 10**8; up to 256: by 10**9), replacing $b_1$ is always cheapest: every later
-    step is stored, and the slots hold the last `checkpoints` steps. Still valid,
-    but those stores are wasted: about `n` more evaluations than the offline
-    optimum, +0.5 on the recompute factor (10**9 steps, 64 slots: 4.42 against
-    3.92). Until session 9 each cost was capped at `(2**31 - 1) // (2c + 4)` so
-    that plain int32 sums fit, and this happened 10-100x sooner (10**7 steps, 1000
-    slots: 2.47 against 1.97; now 1.97).
+    stretch's cost reaches the cap anyway (two slots: past 7.0·10**6 steps; 8 and
+    16 slots: by 10**9), replacing $b_1$ is always cheapest: every later step is
+    stored, and the slots hold the last `checkpoints` steps. Still valid, but those
+    stores are wasted: about `n` more evaluations than the offline optimum, +0.5
+    on the recompute factor (10**9 steps, 16 slots: 8.48 against 7.98). Until
+    session 9 each cost was capped at `(2**31 - 1) // (2c + 4)` so that plain
+    int32 sums fit, and this happened 10-100x sooner (10**7 steps, 1000 slots:
+    2.47 against 1.97; 10**9 steps, 64 slots: 4.42 against 3.92; both optimal
+    now).
 
     **Arguments:**
 
