@@ -165,10 +165,10 @@ def _greedy_slot(pos, step, xp):
     keep = wide.add(wide.take(own_sums, slice(c - 1, c)), last_if_kept)
     # Replace b_i (i = 1 .. c): stretches before i - 1 unchanged, stretches i - 1 and i
     # merged, the later ones with one more free slot, and [step, step + 1) for free.
-    zero = wide.split(xp.zeros(batch + (1,), dtype=xp.int32), bits, xp)
-    before = wide.concatenate([zero, wide.take(own_sums, slice(None, c - 1))], xp)
+    no_cost = wide.split(zero, bits, xp)
+    before = wide.concatenate([no_cost, wide.take(own_sums, slice(None, c - 1))], xp)
     after = wide.cumsum(one_more, bits, xp, reverse=True)
-    after = wide.concatenate([wide.take(after, slice(2, None)), zero], xp)
+    after = wide.concatenate([wide.take(after, slice(2, None)), no_cost], xp)
     replace = wide.add(before, merged_cost, after)
     best = wide.argmin(wide.concatenate([keep, replace], xp), bits, xp)
     return xp.where(best == 0, -1, order[xp.maximum(best - 1, 0)]).astype(xp.int32)
@@ -471,8 +471,9 @@ def _relative_plan(bounds, order, keep, early, early_slot, late, cap: int, xp):
     sums; `early` is None for one slot): each is stored as its excess over the
     least of them, clamped to `cap + 1` (`wide.relative`), which keeps the rule's
     decisions and fits in int32 with the growing stretch's cost added. The three
-    are stacked, so that XLA computes them once (as scalars, each consumer got its
-    own copy of the chain: the compiled plan's HLO 1.3x as long)."""
+    are stacked: one argmin and one elementwise pass, where pairwise minima gave
+    XLA scalar chains to copy into each consumer (c = 1000: 2164 -> 2119
+    optimized HLO instructions for the plan)."""
     c = order.shape[0]
     bits = wide.limb_bits(c)
     parts = [keep, late] if early is None else [keep, late, early]
