@@ -1131,8 +1131,16 @@ def _first_positive_guess(constant: int, offset: int) -> int | None:
     (`l = L + offset` in `(r (r + 1) / 2, (r + 1) (r + 2) / 2]`) `T(l) = r l - r (r +
     1) (r + 2) / 6` and the difference is a quadratic in `L`, solved with `isqrt`;
     the intervals of `r` are tried in order. A few integer operations instead of a
-    bisection's ~2 log2(L) evaluations."""
-    length = 1 + offset
+    bisection's ~2 log2(L) evaluations. As `T >= 0`, no `L` with `L (L + 1) / 2 <=
+    -constant` is positive, so the search starts past those: an option far
+    dearer than keeping (two slots, ~10**7 steps: half the searches) stores
+    dozens of `r` intervals away from `L = 1`."""
+    least = 1
+    if constant < 0:
+        least = (math.isqrt(-8 * constant + 1) - 1) // 2
+        while least * (least + 1) // 2 <= -constant:
+            least += 1
+    length = least + offset
     r = max((math.isqrt(8 * length + 1) - 3) // 2, 0)
     while (r + 1) * (r + 2) // 2 < length:
         r += 1
