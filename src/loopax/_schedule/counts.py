@@ -402,29 +402,11 @@ def _fast_forward(
             quiet = backoff = 0
             continue
         limit = num_steps - end
-        first = None
-        # f(L) = keep + Q(L + 1) - (price - T(L + offset)), for the best inner
-        # option (offset 0) and replacing b_c (offset `gap`).
-        options = [(keep - last, gap)]
-        if c > 1:
-            options.insert(0, (keep - prices.best_inner(), 0))
-        for constant, offset in options:
-            found = first_store(constant, offset)
-            if (
-                found is not None
-                and found <= limit
-                and (first is None or found < first)
-            ):
-                first = found
-        if first is None:
+        found = _next_store(prices, limit, first_store, t)
+        if found is None:
             return [0, *itertools.accumulate(lengths)], limit > top
+        first, i = found
         k = end + first
-        # The rule takes the first cheapest: the best inner option on a tie.
-        low = prices.best_inner() if c > 1 else None
-        if low is not None and low + t(first) <= last + t(first + gap):
-            i = prices.best_option()
-        else:
-            i = c
         if stores is not None:
             stores.append((k, i))
         general = max(general - 1, 0)
@@ -463,6 +445,34 @@ def _fast_forward(
                 quiet = 0
 
 
+def _next_store(prices, limit, first_store, t):
+    """The rule's next store from the positions `prices` has: `(L, i)`, `x_k` for
+    `k = L` steps after the last store goes in place of `b_i`, or None if neither
+    option stores within `limit` steps. The first of the two options to beat
+    keeping stores (`first_store(constant, offset)`: the first `L` with
+    `constant + Q(L + 1) - T(L + offset) > 0`, for the best inner option, offset
+    0, and replacing `b_c`, offset the stretch before it); then the rule takes
+    the first cheapest, the inner option on a tie."""
+    c = prices.c
+    keep, last, gap = prices.before[c], prices.before[c - 1], prices.lengths[c - 1]
+    inner = prices.best_inner() if c > 1 else None
+    options = (
+        [(keep - last, gap)]
+        if inner is None
+        else [(keep - inner, 0), (keep - last, gap)]
+    )
+    first = None
+    for constant, offset in options:
+        found = first_store(constant, offset)
+        if found is not None and found <= limit and (first is None or found < first):
+            first = found
+    if first is None:
+        return None
+    if inner is not None and inner + t(first) <= last + t(first + gap):
+        return first, prices.best_option()
+    return first, c
+
+
 def _shallow_run(prices, end, num_steps, t, first_store, stores):
     """The rule's stores from the state right after a store at step `end`, as
     long as each replaces one of the last `_SHALLOW` positions `b_i` (and `i >=
@@ -486,27 +496,14 @@ def _shallow_run(prices, end, num_steps, t, first_store, stores):
     than the last eight). Stores in place of `b_1`, `b_2` change stretches 0 and
     1, on which the saturation shortcuts depend, so they stop the run."""
     c = prices.c
-    lengths, before, paid, low = prices.lengths, prices.before, prices.paid, prices.low
     lowest = max(c - _SHALLOW + 1, 3)
     deepest = c + 1
     decisions: list[tuple[int, int]] = []
     while True:
-        keep, last, gap = before[c], before[c - 1], lengths[c - 1]
-        inner = low[-1][0] + paid[c]
-        limit = num_steps - end
-        first = None
-        for constant, offset in ((keep - inner, 0), (keep - last, gap)):
-            found = first_store(constant, offset)
-            if (
-                found is not None
-                and found <= limit
-                and (first is None or found < first)
-            ):
-                first = found
-        if first is None:
+        found = _next_store(prices, num_steps - end, first_store, t)
+        if found is None:
             return end, deepest, False
-        # The first cheapest: the inner option on a tie (as in `_fast_forward`).
-        i = low[-1][1] + 1 if inner + t(first) <= last + t(first + gap) else c
+        first, i = found
         if i < lowest:
             return end, deepest, False
         decision = (first, i)
